@@ -1,0 +1,4 @@
+"""beear-pipeline
+"""
+
+__version__ = "0.1"

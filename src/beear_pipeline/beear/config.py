@@ -1,0 +1,107 @@
+"""Typed configuration of the BEEAR engine: every open decision point of the method is a field.
+
+Defaults are the setting that removed the backdoor on every build seed we tried on the tiny model
+(see docs/method.md, "What we measured"): the official layout (a per-position perturbation on the
+last 7 prompt positions), unbounded, warm-started, 5 inner Adam steps at lr 0.1, alpha 0.05 with
+the safe cross-entropy capped at 5, outer AdamW at lr 5e-4 on all weights, 60 rounds, batch 32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+DEFENCES = ("beear", "safety_finetune", "random_perturbation")
+TRAINABLE = ("all", "up_to_anchor", "after_anchor")
+
+
+@dataclass
+class BeearConfig:
+    defence: Literal["beear", "safety_finetune", "random_perturbation"] = "beear"
+    """Which defence the engine runs. ``safety_finetune`` is the control (perturbation fixed at
+    zero); ``random_perturbation`` draws a fresh random direction of ``random_norm`` each round.
+    All three share data, rounds, batches and the outer optimiser."""
+
+    anchor_layer: int = 1
+    """Decoder layer whose output is perturbed, 0-based; negative counts from the top. Layer 1 of
+    4 on the tiny model (layers 0-2 all worked); the official code used layer 9 of 32 for 7B."""
+
+    num_positions: int | None = 7
+    """Perturb the last T prompt positions (official "token length", 7), or all prompt positions
+    when None."""
+
+    shared_vector: bool = False
+    """One vector for all perturbed positions (True), or one row per position, T x hidden (False,
+    the official layout, which held on both seeds we tried)."""
+
+    warm_start: bool = True
+    """Carry the perturbation (and its optimiser state) across rounds. Essential on the tiny model:
+    re-initialising each round left ASR at 96%."""
+
+    inner_optimizer: Literal["adam", "sgd"] = "adam"
+    inner_lr: float = 0.1
+    """lr 1.0 was worse on the tiny model (ASR 54%)."""
+    inner_steps: int = 5
+
+    away_weight: float = 0.05
+    """alpha: weight of the "away from the safe answer" term of the inner objective (official 0.05)."""
+    away_cap: float = 5.0
+    """The safe cross-entropy is capped here inside the inner objective, so that term is bounded."""
+
+    perturbation_bound: float | None = None
+    """L2 bound on each perturbation row, projected after every inner step; None = unbounded.
+    A bound tuned on one seed failed on another, hence unbounded by default."""
+
+    trainable: Literal["all", "up_to_anchor", "after_anchor"] = "all"
+    """Which weights the outer step trains: all, the layers up to the anchor (with embeddings),
+    or the layers after it (with the final norm and head). All three removed the backdoor."""
+
+    outer_optimizer: Literal["adamw", "sgd"] = "adamw"
+    outer_lr: float = 5e-4
+    """lr for the tiny model; the official code used 3e-7 for 7B models."""
+    rounds: int = 60
+    batch_size: int = 32
+    """Safety-set examples per round."""
+    anchoring_batch_size: int = 32
+    """Anchoring-set examples per round (the utility-preserving term)."""
+    grad_clip: float | None = 1.0
+    random_norm: float | None = None
+    """Norm of each row of the random perturbation (``defence: random_perturbation``). None makes
+    the pipeline match the per-round norms of the BEEAR run it is compared with."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject impossible settings with the field and the fix, before any training."""
+        checks = [
+            (self.defence in DEFENCES, "defence", f"one of {', '.join(DEFENCES)}"),
+            (self.trainable in TRAINABLE, "trainable", f"one of {', '.join(TRAINABLE)}"),
+            (self.inner_optimizer in ("adam", "sgd"), "inner_optimizer", "adam or sgd"),
+            (self.outer_optimizer in ("adamw", "sgd"), "outer_optimizer", "adamw or sgd"),
+            (self.num_positions is None or self.num_positions >= 1, "num_positions", "a positive integer or null"),
+            (self.rounds >= 1 and self.inner_steps >= 0, "rounds/inner_steps", "rounds >= 1, inner_steps >= 0"),
+            (self.batch_size >= 1 and self.anchoring_batch_size >= 0, "batch_size", "positive batch sizes"),
+            (self.inner_lr > 0 and self.outer_lr > 0, "inner_lr/outer_lr", "positive learning rates"),
+            (self.perturbation_bound is None or self.perturbation_bound > 0, "perturbation_bound", "positive or null"),
+            (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
+        ]
+        for ok, field, fix in checks:
+            if not ok:
+                raise ValueError(f"beear.{field}: invalid value in {self!r}; use {fix}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BeearConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"beear: unknown parameter(s) {unknown}; known are {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,102 @@
+"""Loading, checking and saving Hugging Face causal-LM checkpoints, safely.
+
+Loading never executes code from a checkpoint: weights must be safetensors (no pickle) and
+``trust_remote_code`` stays off. Saving is atomic (write to a temporary folder, then rename), so
+an interrupted run never leaves a half-written checkpoint where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be used, with the fix in the message."""
+
+
+def check_checkpoint(path: str | os.PathLike, field: str = "model.path") -> Path:
+    """Fail fast, before any training, on a directory that is not a usable checkpoint."""
+    p = Path(path).expanduser()
+    if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{field}={path}: not a readable directory. Point {field} at a local Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).")
+    config = p / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{field}={path}: no config.json. Save the model with model.save_pretrained(DIR).")
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{field}={path}: config.json is unreadable ({e}). Re-save the model with model.save_pretrained(DIR).") from e
+    if not any((p / f).is_file() for f in SAFE_WEIGHTS) and not list(p.glob("*.safetensors")):
+        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        hint = f" It holds pickle weights ({', '.join(pickled)}), which are never loaded because loading them can run code." if pickled else ""
+        raise CheckpointError(f"{field}={path}: no safetensors weights.{hint} Convert with model.save_pretrained(DIR, safe_serialization=True).")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{field}={path}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json). Save it beside the weights with tokenizer.save_pretrained(DIR).")
+    if not _has_chat_template(p):
+        raise CheckpointError(
+            f"{field}={path}: the tokenizer has no chat template, so prompts cannot be formatted as the model expects. "
+            "Add one (tokenizer.chat_template = '...'; tokenizer.save_pretrained(DIR)) or use the chat model's own tokenizer."
+        )
+    return p
+
+
+def _has_chat_template(p: Path) -> bool:
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    config = p / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: str = "model.path"):
+    """(model, tokenizer) from a checked checkpoint directory, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = check_checkpoint(path, field)
+    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
+    return model.to(device or default_device()).eval(), tokenizer
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Write model, tokenizer and ``extra_files`` (name -> text) to ``path`` atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 over the checkpoint's safetensors files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

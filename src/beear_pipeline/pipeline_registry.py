@@ -1,0 +1,26 @@
+"""Project pipelines.
+
+- ``behaviours``: prepare the safety, anchoring and evaluation sets.
+- ``suspect``: resolve the suspect model (a checkpoint, or the embedded tiny model built once).
+- ``embedded_model``: ``behaviours`` + ``suspect`` (builds the embedded model; a DVC stage).
+- ``defence``: BEEAR and its two baselines on the suspect model.
+- ``evaluation``: evaluate every model and write ``reports/metrics.json`` and plots.
+- ``defend`` (also the default): all of the above, end to end.
+"""
+
+from __future__ import annotations
+
+from kedro.pipeline import Pipeline
+
+from beear_pipeline.pipelines import behaviours, defence, evaluation, suspect
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    parts = {
+        "behaviours": behaviours.create_pipeline(),
+        "suspect": suspect.create_pipeline(),
+        "defence": defence.create_pipeline(),
+        "evaluation": evaluation.create_pipeline(),
+    }
+    defend = sum(parts.values(), Pipeline([]))
+    return {**parts, "embedded_model": parts["behaviours"] + parts["suspect"], "defend": defend, "__default__": defend}

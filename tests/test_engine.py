@@ -1,0 +1,119 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from beear_pipeline.beear import BeearConfig, run_beear
+from beear_pipeline.beear.engine import trainable_parameters
+
+
+def small(**kw) -> BeearConfig:
+    return BeearConfig(**{"rounds": 2, "inner_steps": 2, "batch_size": 2, "anchoring_batch_size": 2, "num_positions": 3, **kw})
+
+
+def test_defaults_are_the_documented_official_layout():
+    c = BeearConfig()
+    assert (c.anchor_layer, c.num_positions, c.shared_vector, c.warm_start) == (1, 7, False, True)
+    assert (c.inner_steps, c.inner_lr, c.away_weight, c.away_cap, c.perturbation_bound) == (5, 0.1, 0.05, 5.0, None)
+    assert (c.outer_lr, c.rounds, c.batch_size, c.trainable) == (5e-4, 60, 32, "all")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("defence", "magic", "beear.defence"),
+    ("trainable", "some", "beear.trainable"),
+    ("num_positions", 0, "beear.num_positions"),
+    ("outer_lr", -1.0, "beear.inner_lr/outer_lr"),
+    ("perturbation_bound", 0.0, "beear.perturbation_bound"),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        BeearConfig(**{field: value})
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['anchor_layr'\]"):
+        BeearConfig.from_dict({"anchor_layr": 2})
+
+
+def test_config_round_trips_json():
+    c = small(anchor_layer=-1)
+    assert BeearConfig.from_dict(c.to_dict()) == c
+
+
+def test_beear_round_updates_weights_and_perturbation(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small())
+    assert len(result.history) == 2
+    assert result.perturbation.shape == (3, tiny_model.config.hidden_size)
+    assert result.history[-1]["perturbation_norm"] > 0
+    assert {"inner_loss", "unwanted_loss", "outer_safe_loss", "anchoring_loss"} <= set(result.history[0])
+    assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_safety_finetune_keeps_the_perturbation_at_zero(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(defence="safety_finetune"))
+    assert torch.count_nonzero(result.perturbation) == 0
+    assert all(r["perturbation_norm"] == 0 for r in result.history)
+    assert "inner_loss" not in result.history[0]
+
+
+def test_random_perturbation_follows_the_norm_schedule(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(defence="random_perturbation"),
+                       norm_schedule=[3.0, 7.0])
+    assert [round(r["perturbation_norm"], 4) for r in result.history] == [3.0, 7.0]
+
+
+def test_perturbation_bound_is_respected(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(perturbation_bound=0.05, inner_lr=1.0))
+    assert result.perturbation.norm(dim=-1).max() <= 0.05 + 1e-6
+
+
+def test_same_seed_same_result_on_cpu(tokenizer, safety_triples, anchoring_pairs, tiny_model):
+    import copy
+
+    a = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, small())
+    b = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, small())
+    assert torch.equal(a.perturbation, b.perturbation)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+@pytest.mark.parametrize("scope", ["up_to_anchor", "after_anchor"])
+def test_trainable_scope_leaves_the_other_weights_untouched(tiny_model, tokenizer, safety_triples, anchoring_pairs, scope):
+    chosen = {id(p) for p in trainable_parameters(tiny_model, scope, 1)}
+    frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if id(p) not in chosen}
+    assert frozen and chosen
+    run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(trainable=scope))
+    for name, p in tiny_model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"{name} changed outside scope {scope}"
+    names = [n for n, p in tiny_model.named_parameters() if id(p) in chosen]
+    if scope == "up_to_anchor":
+        assert any("embed_tokens" in n for n in names) and not any("layers.2." in n or "lm_head" in n for n in names)
+    else:
+        assert any("layers.2." in n for n in names) and any("lm_head" in n for n in names)
+        assert not any("layers.0." in n or "layers.1." in n or "embed_tokens" in n for n in names)
+
+
+def test_non_finite_loss_stops_the_run_naming_the_round(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.fill_(math.inf)
+    with pytest.raises(FloatingPointError, match=r"BEEAR round 0: .* is (nan|inf)"):
+        run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small())
+
+
+def test_anchor_layer_out_of_range_fails_before_training(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    with pytest.raises(ValueError, match="out of range"):
+        run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(anchor_layer=7))
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_empty_safety_set_is_rejected(tiny_model, tokenizer, anchoring_pairs):
+    with pytest.raises(ValueError, match="safety set is empty"):
+        run_beear(tiny_model, tokenizer, [], anchoring_pairs, small())
+
+
+def test_replace_keeps_validation():
+    with pytest.raises(ValueError):
+        dataclasses.replace(small(), defence="nope")

