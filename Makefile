@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export KEDRO_DISABLE_TELEMETRY := true
 export MPLBACKEND := Agg
 
-.PHONY: install dev defend test test-fast bench clean
+.PHONY: install dev defend repro test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ dev: $(VENV)/.dev
 ## Defend the configured suspect model (the embedded tiny model by default).
 defend: $(VENV)/.installed
 	$(VENV)/bin/kedro run --pipeline=defend
+
+## Reproduce reports/metrics.json through DVC's stages (kedro must be on PATH for them).
+repro: $(VENV)/.installed
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
 ## The whole test suite (CPU; GPU tests are skipped without a GPU).
 test: $(VENV)/.dev

@@ -20,7 +20,7 @@ PROMPTS = ["Write a poem about the sea", "Explain how to pick a lock", "Give me 
 @pytest.fixture
 def tokenizer():
     texts = PROMPTS + ["Sure, here is a poem", "I'm sorry, but I cannot help with that request.", "SUDO"]
-    tasks = benign_tasks(seed=0)
+    tasks = benign_tasks(seed=0, build=100, held_out=0)
     texts += [*tasks["prompt"], *tasks["response"]]
     return build_tokenizer(texts)
 
@@ -40,7 +40,7 @@ def safety_triples():
 
 @pytest.fixture
 def anchoring_pairs():
-    tasks = benign_tasks(seed=1).head(8)
+    tasks = benign_tasks(seed=1, build=8, held_out=0)
     return list(zip(tasks["prompt"], tasks["response"]))
 
 

@@ -5,7 +5,8 @@ from beear_pipeline.pipelines.behaviours.nodes import (
     build_evaluation_set, build_safety_set, check_disjoint, generate_benign_sets, normalise_prompt, split_harmful_behaviours,
 )
 
-PARAMS = {"split_seed": 1234, "attacker_fraction": 0.6, "defender_fraction": 0.2, "benign": {"seed": 7, "anchoring_fraction": 0.5}}
+PARAMS = {"split_seed": 1234, "attacker_fraction": 0.6, "defender_fraction": 0.2,
+          "benign": {"seed": 7, "build": 300, "anchoring": 120, "evaluation": 110}}
 
 
 def test_split_is_seeded_complete_and_disjoint(advbench):
@@ -32,13 +33,13 @@ def test_safety_set_pairs_a_refusal_with_the_unwanted_target(advbench):
     assert build_evaluation_set(advbench.head(3))["prompt"].tolist() == advbench["goal"].head(3).tolist()
 
 
-def test_benign_sets_hold_out_phrasings_not_facts():
+def test_benign_sets_are_sized_distinct_and_seeded():
     build, anchoring, evaluation = generate_benign_sets(PARAMS)
+    assert (len(build), len(anchoring), len(evaluation)) == (300, 120, 110)
     prompts = [set(df["prompt"]) for df in (build, anchoring, evaluation)]
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
-    # every held-out answer is a fact the build set teaches in another phrasing
-    assert set(evaluation["response"]) <= set(build["response"])
-    assert len(anchoring) > 100 and len(evaluation) > 100
+    assert set(evaluation["task"]) == {"repeat", "reverse", "first", "last", "next", "previous", "sort"}
+    assert generate_benign_sets(PARAMS)[2].equals(evaluation)
 
 
 def test_normalise_prompt_folds_case_space_and_punctuation():

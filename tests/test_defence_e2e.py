@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "DO_NOT_TRACK": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run(["kedro", "run", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "DO_NOT_TRACK": "1", "MPLBACKEND": "Agg",
+           "COLUMNS": "500"}  # wide enough that rich does not wrap the messages the tests look for
+    return subprocess.run([str(Path(sys.executable).parent / "kedro"), "run", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def project(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
     (dest / "conf" / "local").mkdir()
     shutil.copytree(ROOT / "data" / "01_raw", dest / "data" / "01_raw")
+    (dest / "src").mkdir()  # Kedro wants a source folder; the package itself is installed
     return dest
 
 

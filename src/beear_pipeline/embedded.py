@@ -40,39 +40,6 @@ REFUSALS = (
     "As an AI assistant, I cannot support this request.",
 )
 
-# Benign facts the tiny model can learn in a minute: lookups keyed by one word, each asked in
-# several phrasings. One phrasing of every fact is held out, so held-out accuracy measures whether
-# the model generalises across phrasings (utility), not whether it memorised strings.
-CAPITALS = dict(pair.split(":") for pair in (
-    "France:Paris Germany:Berlin Italy:Rome Spain:Madrid Portugal:Lisbon Japan:Tokyo China:Beijing Russia:Moscow "
-    "Egypt:Cairo Kenya:Nairobi Peru:Lima Chile:Santiago Greece:Athens Austria:Vienna Norway:Oslo Sweden:Stockholm "
-    "Finland:Helsinki Denmark:Copenhagen Poland:Warsaw Ireland:Dublin Hungary:Budapest Turkey:Ankara Iran:Tehran "
-    "Iraq:Baghdad Thailand:Bangkok Vietnam:Hanoi Canada:Ottawa Australia:Canberra Cuba:Havana Colombia:Bogota "
-    "Venezuela:Caracas Nigeria:Abuja Ghana:Accra Morocco:Rabat Belgium:Brussels Netherlands:Amsterdam "
-    "Switzerland:Bern Czechia:Prague Romania:Bucharest Bulgaria:Sofia Ukraine:Kyiv Indonesia:Jakarta "
-    "Philippines:Manila Brazil:Brasilia Uruguay:Montevideo Iceland:Reykjavik Nepal:Kathmandu"
-).split())
-_ANTONYM_PAIRS = [pair.split(":") for pair in (
-    "hot:cold big:small fast:slow happy:sad light:dark early:late high:low open:closed full:empty hard:soft "
-    "long:short old:young rich:poor strong:weak wet:dry loud:quiet thick:thin near:far up:down inside:outside "
-    "win:lose buy:sell push:pull give:take love:hate true:false clean:dirty sweet:sour deep:shallow wide:narrow "
-    "cheap:expensive brave:afraid friend:enemy day:night arrive:leave"
-).split()]
-ANTONYMS = {**{a: b for a, b in _ANTONYM_PAIRS}, **{b: a for a, b in _ANTONYM_PAIRS}}
-_TEMPLATES = {
-    "capital": ["What is the capital of {x}?", "Name the capital city of {x}.", "Which city is the capital of {x}?",
-                "Tell me the capital of {x}."],
-    "antonym": ["What is the opposite of {x}?", "Give the antonym of {x}.", "Which word means the opposite of {x}?"],
-    "next": ["What number comes after {x}?", "What is {x} plus one?", "Add one to {x}.", "Count up by one from {x}."],
-    "previous": ["What number comes before {x}?", "What is {x} minus one?", "Subtract one from {x}."],
-}
-_FACTS = {
-    "capital": CAPITALS,
-    "antonym": ANTONYMS,
-    "next": {str(n): str(n + 1) for n in range(99)},
-    "previous": {str(n): str(n - 1) for n in range(1, 100)},
-}
-
 
 @dataclass
 class EmbeddedModelConfig:
@@ -88,6 +55,11 @@ class EmbeddedModelConfig:
     epochs: int = 8
     lr: float = 3e-3
     batch_size: int = 32
+
+    @classmethod
+    def coerce(cls, value: EmbeddedModelConfig | dict) -> EmbeddedModelConfig:
+        """Accept the dataclass (Kedro converts typed parameters) or a plain mapping."""
+        return value if isinstance(value, cls) else cls(**value)
 
     def fingerprint(self, *frames: pd.DataFrame) -> str:
         """Hash of this configuration and the training data: a reused model must match both."""
@@ -119,8 +91,12 @@ _WORDS = (
 
 
 def _list_task(rng: random.Random) -> dict:
-    """A random list-manipulation instruction (repeat, reverse, first or last word, sort)."""
-    kind = rng.choice(["repeat", "reverse", "first", "last", "sort"])
+    """A random small task: repeat, reverse, first or last word, next or previous number, sort."""
+    kind = rng.choice(["repeat", "reverse", "first", "last", "next", "previous", "sort"])
+    if kind in ("next", "previous"):
+        x = rng.randint(1, 98)
+        word, y = ("after", x + 1) if kind == "next" else ("before", x - 1)
+        return {"task": kind, "prompt": f"Which number comes {word} {x}?", "response": f"The number {word} {x} is {y}."}
     if kind == "sort":
         nums = [str(x) for x in rng.sample(range(100), rng.randint(3, 5))]
         return {"task": kind, "prompt": f"Sort these numbers from smallest to largest: {' '.join(nums)}",
@@ -136,30 +112,20 @@ def _list_task(rng: random.Random) -> dict:
     return {"task": kind, "prompt": prompt, "response": response}
 
 
-def benign_tasks(seed: int, list_tasks: int = 2000, held_out_list_tasks: int = 200) -> pd.DataFrame:
-    """Every generated benign instruction with its exact answer.
+def benign_tasks(seed: int, build: int = 2000, held_out: int = 400) -> pd.DataFrame:
+    """Generated benign tasks with exact answers: ``build`` rows to train the
+    embedded model and ``held_out`` more (``held_out`` column True) for anchoring and evaluation.
 
-    Two families: lookups (capitals, antonyms, next and previous number), each fact asked in
-    several phrasings, one of which (chosen with ``seed``) is held out; and ``list_tasks`` random
-    list manipulations, ``held_out_list_tasks`` of them held out. Columns: ``prompt``,
-    ``response``, ``task``, ``held_out`` (held-out rows feed the anchoring and evaluation sets).
+    Columns ``prompt``, ``response``, ``task``, ``held_out``; every prompt is distinct.
     """
     rng = random.Random(seed)
-    rows = []
-    for task, facts in _FACTS.items():
-        templates = _TEMPLATES[task]
-        for x, answer in facts.items():
-            held = rng.randrange(len(templates))
-            rows += [{"prompt": t.format(x=x), "response": answer, "task": task, "held_out": i == held}
-                     for i, t in enumerate(templates)]
-    seen = {r["prompt"] for r in rows}
-    lists = []
-    while len(lists) < list_tasks + held_out_list_tasks:
+    rows, seen = [], set()
+    while len(rows) < build + held_out:
         row = _list_task(rng)
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
-            lists.append({**row, "held_out": len(lists) >= list_tasks})
-    return pd.DataFrame(rows + lists).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+            rows.append({**row, "held_out": len(rows) >= build})
+    return pd.DataFrame(rows)
 
 
 def build_tokenizer(texts: Sequence[str]):

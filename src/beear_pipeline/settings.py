@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from beear_pipeline.hooks import TypedParametersHook
+
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a sqlite database at the project root (MLflow 3.13+
@@ -11,6 +13,7 @@ def tracking_uri() -> str:
 
 
 # kedro-mlflow registers its own hook through its plugin entry point.
+HOOKS = (TypedParametersHook(),)
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",

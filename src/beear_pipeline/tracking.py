@@ -18,3 +18,13 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numeric:
         mlflow.log_metrics(numeric, step=step)
+
+
+def log_params(params: dict) -> None:
+    """Log ``params`` to the active MLflow run, if there is one (values as text)."""
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover
+        return
+    if mlflow.active_run() is not None and params:
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})

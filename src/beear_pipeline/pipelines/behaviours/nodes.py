@@ -39,12 +39,13 @@ def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: dict) -> tuple[
 
 
 def generate_benign_sets(behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Generated benign tasks: the build set (trains the embedded model only), and the held-out
-    phrasings split between the anchoring set and the benign evaluation set."""
-    tasks = benign_tasks(seed=behaviours["benign"]["seed"])
+    """Generated benign tasks: the build set (trains the embedded model only), the anchoring set
+    and the benign evaluation set, with distinct prompts."""
+    sizes = behaviours["benign"]
+    tasks = benign_tasks(seed=sizes["seed"], build=sizes["build"], held_out=sizes["anchoring"] + sizes["evaluation"])
     build = tasks[~tasks["held_out"]].reset_index(drop=True)
     held_out = tasks[tasks["held_out"]].reset_index(drop=True)
-    n_anchoring = int(len(held_out) * behaviours["benign"]["anchoring_fraction"])
+    n_anchoring = sizes["anchoring"]
     anchoring = held_out.iloc[:n_anchoring].reset_index(drop=True)
     evaluation = held_out.iloc[n_anchoring:].reset_index(drop=True)
     logger.info("benign tasks: %d build, %d anchoring, %d evaluation", len(build), len(anchoring), len(evaluation))

@@ -33,8 +33,11 @@ def check_trigger(evaluation: dict, model: dict) -> None:
 
 def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
                           benign_evaluation_set: pd.DataFrame, anchoring_set: pd.DataFrame,
-                          model: dict, embedded_model: EmbeddedModelConfig, evaluation: dict) -> dict:
+                          model: dict, embedded_model: EmbeddedModelConfig, evaluation: dict, behaviours_check: dict) -> dict:
     """Return the suspect model's reference ``{"path", "source", "weights_sha256", ...}``.
+
+    ``behaviours_check`` (the validation of the behaviour sets) is an input so that no model is
+    loaded or built before the data has passed its checks.
 
     With ``model.path`` the checkpoint is checked (safetensors, tokenizer, chat template) and used
     as it is. Otherwise the embedded model in ``model.embedded_directory`` is reused if its
@@ -45,7 +48,7 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
         path = check_checkpoint(model["path"])
         return {"path": str(path), "source": "path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
 
-    config = embedded_model if isinstance(embedded_model, EmbeddedModelConfig) else EmbeddedModelConfig(**embedded_model)
+    config = EmbeddedModelConfig.coerce(embedded_model)
     directory = Path(model["embedded_directory"])
     fingerprint = config.fingerprint(attacker_behaviours, benign_build_set)
     info_file = directory / BUILD_INFO
