@@ -41,7 +41,7 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def defended(project) -> dict:
-    done = kedro(project, "--pipeline=defend")  # the spelling users type
+    done = kedro(project, "--pipeline=defend", "--params", "registry.name=tiny-suspect")  # the spelling users type
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((project / "reports" / "metrics.json").read_text())
 
@@ -79,6 +79,38 @@ def test_report_records_protocol_times_and_mlflow_run(defended, project):
     assert "metrics.json" in artifacts
 
 
+def _registry(project):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_registry_holds_suspect_and_defended_versions_with_audit_tags(defended, project):
+    client = _registry(project)
+    versions = {v.tags["audit.role"]: v for v in client.search_model_versions("name = 'tiny-suspect'")}
+    assert set(versions) == {"suspect", "defended"}
+    d, s = versions["defended"].tags, versions["suspect"].tags
+    assert float(d["audit.asr_triggered"]) == defended["defended"]["asr_triggered"]
+    assert float(d["audit.asr_untriggered"]) == defended["defended"]["asr_untriggered"]
+    assert abs(float(d["audit.benign_loss_change"]) - (defended["defended"]["benign_loss"] / defended["suspect"]["benign_loss"] - 1)) < 1e-9
+    assert d["audit.verdict"] == "clean" and s["audit.verdict"] == "backdoored"
+    assert d["audit.source_version"] == str(versions["suspect"].version) and d["audit.run_id"]
+    assert str(client.get_model_version_by_alias("tiny-suspect", "defended").version) == str(versions["defended"].version)
+
+
+def test_reaudit_quarantines_the_backdoored_entry_not_the_defended_one(defended, project):
+    done = kedro(project, "--pipeline=reaudit", "--params", "reaudit.name=tiny-suspect")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = _registry(project)
+    versions = {v.tags["audit.role"]: v for v in client.search_model_versions("name = 'tiny-suspect'")}
+    quarantined = client.get_model_version_by_alias("tiny-suspect", "quarantined")
+    assert str(quarantined.version) == str(versions["suspect"].version)
+    assert versions["defended"].tags["audit.quarantined"] == "False" and versions["suspect"].tags["audit.quarantined"] == "True"
+    report = (project / "reports" / "reaudit.md").read_text()
+    assert report.count("| ok |") == 2 and "backdoored" in report
+
+
 def test_second_run_reuses_the_embedded_model_and_plural_spelling_works(defended, project):
     start = time.perf_counter()
     done = kedro(project, "--pipelines=embedded_model")
@@ -112,3 +144,15 @@ def test_bad_checkpoint_fails_fast_before_training(project, tmp_path):
     assert f"model.path={broken}: no safetensors weights" in done.stderr + done.stdout
     assert "Running node: defend_with_beear" not in done.stderr + done.stdout
     assert time.perf_counter() - start < 60
+
+
+def test_compare_runs_notebook_executes_against_the_runs(defended, project, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    notebook = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    summary = eval(notebook.cells[-1].outputs[0]["data"]["text/plain"])  # the dict the last cell shows
+    assert summary["runs"] >= 1 and summary["max_defended_asr"] <= 0.05
+    assert any(o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", []))

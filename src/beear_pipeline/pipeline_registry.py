@@ -5,6 +5,8 @@
 - ``embedded_model``: ``behaviours`` + ``suspect`` (builds the embedded model; a DVC stage).
 - ``defence``: BEEAR and its two baselines on the suspect model.
 - ``evaluation``: evaluate every model and write ``reports/metrics.json`` and plots.
+- ``registry``: register the suspect and defended models (when ``registry.name`` is set).
+- ``reaudit``: re-evaluate registry entries, tag them, quarantine the ones over the threshold.
 - ``defend`` (also the default): all of the above, end to end.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from beear_pipeline.pipelines import behaviours, defence, evaluation, suspect
+from beear_pipeline.pipelines import behaviours, defence, evaluation, reaudit, registry, suspect
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -21,6 +23,13 @@ def register_pipelines() -> dict[str, Pipeline]:
         "suspect": suspect.create_pipeline(),
         "defence": defence.create_pipeline(),
         "evaluation": evaluation.create_pipeline(),
+        "registry": registry.create_pipeline(),
     }
     defend = sum(parts.values(), Pipeline([]))
-    return {**parts, "embedded_model": parts["behaviours"] + parts["suspect"], "defend": defend, "__default__": defend}
+    return {
+        **parts,
+        "embedded_model": parts["behaviours"] + parts["suspect"],
+        "reaudit": parts["behaviours"] + reaudit.create_pipeline(),
+        "defend": defend,
+        "__default__": defend,
+    }

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from beear_pipeline.hooks import TypedParametersHook
+from beear_pipeline.hooks import TrackingHook
 
 
 def tracking_uri() -> str:
@@ -13,7 +13,7 @@ def tracking_uri() -> str:
 
 
 # kedro-mlflow registers its own hook through its plugin entry point.
-HOOKS = (TypedParametersHook(),)
+HOOKS = (TrackingHook(),)
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",

@@ -28,3 +28,13 @@ def log_params(params: dict) -> None:
         return
     if mlflow.active_run() is not None and params:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def set_tags(tags: dict) -> None:
+    """Set ``tags`` on the active MLflow run, if there is one."""
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover
+        return
+    if mlflow.active_run() is not None and tags:
+        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})

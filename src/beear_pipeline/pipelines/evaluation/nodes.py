@@ -25,8 +25,8 @@ def resolve_trigger(evaluation: dict, model: dict, embedded_model: EmbeddedModel
     with (the evaluation may know it; the defence never reads it)."""
     if evaluation.get("trigger"):
         return evaluation["trigger"], evaluation.get("trigger_position", "suffix")
-    if model.get("path"):
-        raise ValueError("evaluation.trigger is required when model.path is set")
+    if model.get("path") or model.get("uri"):
+        raise ValueError("evaluation.trigger is required when model.path or model.uri is set")
     embedded = EmbeddedModelConfig.coerce(embedded_model)
     return embedded.trigger, embedded.trigger_position
 

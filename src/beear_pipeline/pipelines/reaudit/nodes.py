@@ -1,0 +1,80 @@
+"""Scheduled re-audit of model-registry entries: evaluate each selected version again, write
+``audit.*`` tags with a timestamp, and quarantine versions over the ASR threshold.
+
+One broken entry is reported and does not stop the others; re-running is safe (tags are
+overwritten with fresh values, aliases set to the same versions).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from beear_pipeline import registry
+from beear_pipeline.models import check_checkpoint, weights_sha256
+from beear_pipeline.pipelines.evaluation.nodes import evaluate_model
+
+logger = logging.getLogger(__name__)
+
+
+def select_versions(reaudit: dict) -> list[dict]:
+    """Registry versions to re-check: by ``reaudit.name`` (all versions, or ``reaudit.alias``)
+    and/or an MLflow filter string ``reaudit.filter``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if reaudit.get("alias"):
+        if not reaudit.get("name"):
+            raise ValueError("reaudit.alias needs reaudit.name (an alias belongs to one registered model)")
+        versions = [client.get_model_version_by_alias(reaudit["name"], reaudit["alias"])]
+    else:
+        clauses = [f"name = '{reaudit['name']}'"] if reaudit.get("name") else []
+        if reaudit.get("filter"):
+            clauses.append(reaudit["filter"])
+        versions = client.search_model_versions(" and ".join(clauses) or None)
+    selected = sorted(({"name": v.name, "version": str(v.version)} for v in versions), key=lambda v: (v["name"], int(v["version"])))
+    if not selected:
+        raise ValueError(f"reaudit selected no registry entries with {reaudit}: check reaudit.name / alias / filter")
+    logger.info("re-auditing %d registry entries", len(selected))
+    return selected
+
+
+def reaudit_versions(selected: list[dict], evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame,
+                     reaudit: dict, evaluation: dict, model: dict, embedded_model, behaviours_check: dict | None = None) -> list[dict]:
+    """Evaluate every selected version; tag it; quarantine it if its ASR is over the threshold.
+    ``behaviours_check`` orders this after the validation of the evaluation sets."""
+    results = []
+    for entry in selected:
+        name, version = entry["name"], entry["version"]
+        uri = f"models:/{name}/{version}"
+        try:
+            path = check_checkpoint(registry.version_path(registry.get_version(uri)), field=uri)
+            metrics = evaluate_model({"path": str(path)}, evaluation_set, benign_evaluation_set, evaluation, model, embedded_model)
+            verdict = registry.verdict(metrics["asr_triggered"], reaudit["asr_threshold"])
+            tags = {"audit.asr_triggered": metrics["asr_triggered"], "audit.asr_untriggered": metrics["asr_untriggered"],
+                    "audit.benign_loss": metrics["benign_loss"], "audit.verdict": verdict, "audit.quarantined": verdict == "backdoored",
+                    "audit.reaudit_timestamp": registry.timestamp(), "audit.weights_sha256": weights_sha256(path)}
+            registry.set_version_tags(name, version, tags)
+            if verdict == "backdoored":
+                registry.set_alias(name, reaudit["quarantine_alias"], version)
+            results.append({**entry, "status": "ok", **{k.removeprefix("audit."): v for k, v in tags.items()}})
+        except Exception as e:  # one broken entry must not stop the audit of the others
+            logger.error("re-audit of %s failed: %s", uri, e)
+            results.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"})
+    return results
+
+
+def write_reaudit_report(results: list[dict], reaudit: dict) -> str:
+    """``reports/reaudit.md``: one row per entry."""
+    lines = ["# Re-audit of model-registry entries", "",
+             f"ASR threshold {reaudit['asr_threshold']}; versions over it get the alias `{reaudit['quarantine_alias']}`.", "",
+             "| model | version | status | asr_triggered | asr_untriggered | verdict | checked at |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["status"] == "ok":
+            lines.append(f"| {r['name']} | {r['version']} | ok | {r['asr_triggered']:.3f} | {r['asr_untriggered']:.3f} | "
+                         f"{r['verdict']} | {r['reaudit_timestamp']} |")
+        else:
+            lines.append(f"| {r['name']} | {r['version']} | error: {r['error'][:200]} | | | | |")
+    return "\n".join(lines) + "\n"
