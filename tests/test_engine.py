@@ -117,3 +117,59 @@ def test_empty_safety_set_is_rejected(tiny_model, tokenizer, anchoring_pairs):
 def test_replace_keeps_validation():
     with pytest.raises(ValueError):
         dataclasses.replace(small(), defence="nope")
+
+
+def test_lora_run_trains_only_adapters_and_saves_a_reloadable_adapter(tiny_model, tokenizer, safety_triples, anchoring_pairs, tmp_path):
+    from beear_pipeline.models import load_checkpoint, save_checkpoint
+
+    base_dir = tmp_path / "suspect"
+    save_checkpoint(tiny_model, tokenizer, base_dir)
+    base_model, tok = load_checkpoint(base_dir)
+    before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    result = run_beear(base_model, tok, safety_triples, anchoring_pairs, small(trainable="lora", lora_rank=4, merge_adapter=False))
+    assert hasattr(result.model, "peft_config")
+    base_now = result.model.get_base_model().state_dict()
+    assert all(torch.equal(before[k], base_now[k]) for k in before if k in base_now), "LoRA changed a base weight"
+    save_checkpoint(result.model, tok, tmp_path / "defended")
+    assert (tmp_path / "defended" / "adapter_config.json").is_file() and (tmp_path / "defended" / "config.json").is_file()
+    reloaded, _ = load_checkpoint(tmp_path / "defended")
+    ids = torch.tensor([[1, 5, 9, 11]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(reloaded(input_ids=ids).logits, tiny_model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets,message", [(["q_proj", "c_attn"], r"\['c_attn'\] not found in LlamaForCausalLM")])
+def test_missing_lora_target_fails_before_training(tiny_model, tokenizer, safety_triples, anchoring_pairs, targets, message):
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(trainable="lora", lora_target_modules=targets))
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_trainable_scope_matching_nothing_fails_before_training(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    # after the last layer of a model without a head of its own there would be nothing; here the
+    # scope "after_anchor" at the last layer still has the norm and head, so test via a model whose
+    # final parts are frozen out: strip the parameters after the layers
+    tiny_model.model.norm = torch.nn.Identity()
+    tiny_model.lm_head = torch.nn.Linear(tiny_model.config.hidden_size, tiny_model.config.vocab_size, bias=False)
+    tiny_model.tie_weights = lambda *a, **k: None
+    tiny_model.lm_head.weight = tiny_model.model.embed_tokens.weight  # tied: counts as "before"
+    with pytest.raises(ValueError, match=r"beear.trainable='after_anchor' at anchor layer 2 matches no parameter"):
+        run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(trainable="after_anchor", anchor_layer=-1))
+
+
+def test_left_padding_and_gradient_checkpointing_run(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    import copy
+
+    right = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, small())
+    left = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, small(padding_side="left", gradient_checkpointing=True))
+    # the same examples, padded differently, give the same losses (masks and positions follow the side)
+    assert left.history[0]["unwanted_loss"] == pytest.approx(right.history[0]["unwanted_loss"], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_round_on_gpu(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    result = run_beear(tiny_model.cuda(), tokenizer, safety_triples, anchoring_pairs, small(precision="bf16"))
+    assert math.isfinite(result.history[-1]["outer_loss"]) and result.perturbation.dtype == torch.float32

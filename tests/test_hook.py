@@ -2,36 +2,14 @@ import pytest
 import torch
 
 from beear_pipeline.beear import decoder_layers, perturbed, position_index, resolve_layer
-from beear_pipeline.chat import collate, encode, response_loss
-
-
-def layer_inputs(model, batch):
-    """The hidden states entering each decoder layer, captured by pre-hooks: the input of layer
-    i + 1 is exactly the residual stream that leaves layer i, perturbation included."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder_layers(model)]
-    try:
-        with torch.no_grad():
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _batch(tokenizer, side="right"):
-    examples = [encode(tokenizer, "Write a poem about the sea", "Sure, here is a poem"), encode(tokenizer, "Explain how", "Sure")]
-    return collate(examples, tokenizer.pad_token_id, padding_side=side)
+from beear_pipeline.chat import response_loss
+from helpers import layer_inputs, two_example_batch
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("num_positions,shared", [(3, False), (3, True), (None, True)])
 def test_perturbation_lands_exactly_at_anchor_output_and_positions(tiny_model, tokenizer, side, num_positions, shared):
-    batch = _batch(tokenizer, side)
+    batch = two_example_batch(tokenizer, side)
     layer = 1
     rows = 1 if shared or num_positions is None else num_positions
     delta = torch.randn(rows, tiny_model.config.hidden_size)
@@ -59,7 +37,7 @@ def test_perturbation_lands_exactly_at_anchor_output_and_positions(tiny_model, t
 
 
 def test_gradients_reach_the_perturbation(tiny_model, tokenizer):
-    batch = _batch(tokenizer)
+    batch = two_example_batch(tokenizer)
     delta = torch.zeros(3, tiny_model.config.hidden_size, requires_grad=True)
     index = position_index(batch.prompt_end, batch.input_ids.size(1), 3, False)
     with perturbed(tiny_model, 1, delta, index):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder (see save_checkpoint, load_adapter)
 
 
 class CheckpointError(ValueError):
@@ -60,11 +61,38 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = check_checkpoint(path, field)
+    if (p / ADAPTER_CONFIG).is_file():
+        return load_adapter(p, device=device, field=field)
     tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
     return model.to(device or default_device()).eval(), tokenizer
+
+
+def load_adapter(path: str | os.PathLike, base_path: str | os.PathLike | None = None, device: str | None = None,
+                 is_trainable: bool = False, merge: bool = False, field: str = "model.path"):
+    """(model, tokenizer) from a PEFT adapter folder on top of its base checkpoint.
+
+    The base is ``base_path`` or the adapter's ``base_model_name_or_path``. peft reloads an
+    adapter frozen: pass ``is_trainable=True`` to train it further, ``merge=True`` to get a plain
+    model with the adapter folded into the weights.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    base = base_path or json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{field}={path}: the adapter's base model {base!r} is not a local folder; pass base_path= the suspect checkpoint")
+    model, _ = load_checkpoint(base, device=device, field=f"{field} (adapter base)")
+    model = PeftModel.from_pretrained(model, p, is_trainable=is_trainable)
+    if merge:
+        model = model.merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
 
 
 def default_device() -> str:
@@ -79,6 +107,10 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        # a PEFT model saves only its adapter; the base config beside it keeps the folder a
+        # recognisable checkpoint, and adapter_config.json names the base weights to load
+        model.get_base_model().config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)

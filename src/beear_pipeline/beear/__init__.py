@@ -7,6 +7,7 @@
 
 from beear_pipeline.beear.config import BeearConfig
 from beear_pipeline.beear.engine import BeearResult, SafetyExamples, run_beear
+from beear_pipeline.beear.scopes import trainable_parameters
 from beear_pipeline.beear.hook import decoder_layers, perturbed, position_index, resolve_layer
 
-__all__ = ["BeearConfig", "BeearResult", "SafetyExamples", "decoder_layers", "perturbed", "position_index", "resolve_layer", "run_beear"]
+__all__ = ["BeearConfig", "BeearResult", "SafetyExamples", "decoder_layers", "perturbed", "position_index", "resolve_layer", "run_beear", "trainable_parameters"]

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 DEFENCES = ("beear", "safety_finetune", "random_perturbation")
-TRAINABLE = ("all", "up_to_anchor", "after_anchor")
+TRAINABLE = ("all", "up_to_anchor", "after_anchor", "lora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -23,9 +24,10 @@ class BeearConfig:
     zero); ``random_perturbation`` draws a fresh random direction of ``random_norm`` each round.
     All three share data, rounds, batches and the outer optimiser."""
 
-    anchor_layer: int = 1
+    anchor_layer: int | Literal["auto"] = 1
     """Decoder layer whose output is perturbed, 0-based; negative counts from the top. Layer 1 of
-    4 on the tiny model (layers 0-2 all worked); the official code used layer 9 of 32 for 7B."""
+    4 on the tiny model (layers 0-2 all worked); the official code used layer 9 of 32 for 7B.
+    ``auto`` takes the layer the probe recommends (the defend pipeline resolves it)."""
 
     num_positions: int | None = 7
     """Perturb the last T prompt positions (official "token length", 7), or all prompt positions
@@ -53,9 +55,21 @@ class BeearConfig:
     """L2 bound on each perturbation row, projected after every inner step; None = unbounded.
     A bound tuned on one seed failed on another, hence unbounded by default."""
 
-    trainable: Literal["all", "up_to_anchor", "after_anchor"] = "all"
+    trainable: Literal["all", "up_to_anchor", "after_anchor", "lora"] = "all"
     """Which weights the outer step trains: all, the layers up to the anchor (with embeddings),
-    or the layers after it (with the final norm and head). All three removed the backdoor."""
+    the layers after it (with the final norm and head), or LoRA adapters (peft) on
+    ``lora_target_modules``. All three full-weight options removed the backdoor on the tiny model.
+    An embedding tied to the head belongs to ``up_to_anchor`` only: training it from
+    ``after_anchor`` would move the hidden states before the anchor too."""
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    """Module names (suffixes, as peft matches them) that get LoRA adapters, or ``all-linear``
+    (every linear layer but the output head). A name missing from the model fails before training."""
+    merge_adapter: bool = True
+    """After a LoRA run, merge the adapters into the weights (a plain HF checkpoint), or keep the
+    model as a PEFT adapter (saved as adapter files beside the base model's config)."""
 
     outer_optimizer: Literal["adamw", "sgd"] = "adamw"
     outer_lr: float = 5e-4
@@ -71,6 +85,23 @@ class BeearConfig:
     the pipeline match the per-round norms of the BEEAR run it is compared with."""
     seed: int = 0
 
+    reuse_activations: bool = True
+    """Inner steps compute the hidden states up to the anchor once per batch (weights are frozen
+    there) and run only the layers after it; same losses as the full forward, fewer FLOPs."""
+    padding_side: Literal["left", "right"] = "right"
+    """Padding side of training batches; attention masks and the perturbed positions follow it."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype of the forward passes: ``auto`` is bf16 on a CUDA GPU that supports it
+    (else fp16), fp32 on CPU. The perturbation and the losses stay fp32. fp16 has no loss
+    scaling: an overflow stops the run through the NaN/inf guard."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in the backward pass: less memory, about a third more time."""
+    checkpoint_dir: str | None = None
+    """Folder for round checkpoints (None = off). A re-run with the same configuration resumes
+    from the last complete round and ends with the same weights as an uninterrupted run."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every N rounds (and after the last one)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -84,8 +115,16 @@ class BeearConfig:
             (self.num_positions is None or self.num_positions >= 1, "num_positions", "a positive integer or null"),
             (self.rounds >= 1 and self.inner_steps >= 0, "rounds/inner_steps", "rounds >= 1, inner_steps >= 0"),
             (self.batch_size >= 1 and self.anchoring_batch_size >= 0, "batch_size", "positive batch sizes"),
+            (isinstance(self.anchor_layer, int) or self.anchor_layer == "auto", "anchor_layer", "an integer layer index or auto"),
             (self.inner_lr > 0 and self.outer_lr > 0, "inner_lr/outer_lr", "positive learning rates"),
             (self.perturbation_bound is None or self.perturbation_bound > 0, "perturbation_bound", "positive or null"),
+            (self.padding_side in ("left", "right"), "padding_side", "left or right"),
+            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "a positive integer"),
+            (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank/lora_alpha", "lora_rank >= 1 and lora_alpha > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout", "a value in [0, 1)"),
+            (isinstance(self.lora_target_modules, str) or bool(self.lora_target_modules), "lora_target_modules",
+             "a non-empty list of module names or 'all-linear'"),
             (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
         ]
         for ok, field, fix in checks:
@@ -102,6 +141,11 @@ class BeearConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resume_key(self) -> dict:
+        """The fields that must match for a checkpoint to be resumed: all but where and how often
+        checkpoints are written (moving the folder or changing the interval keeps results)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("checkpoint_dir", "checkpoint_every")}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

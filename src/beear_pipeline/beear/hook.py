@@ -22,6 +22,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def resolve_layer(model, anchor_layer: int) -> int:
     """0-based index of the anchor layer; a negative index counts from the top (-1 = last)."""
+    if not isinstance(anchor_layer, int):
+        raise ValueError(f"beear.anchor_layer={anchor_layer!r}: the engine needs an integer; `auto` is resolved from the "
+                         "probe's report by the defend pipeline (beear_pipeline.probe.resolve_anchor_layer)")
     n = len(decoder_layers(model))
     index = anchor_layer + n if anchor_layer < 0 else anchor_layer
     if not 0 <= index < n:
@@ -62,7 +65,9 @@ def perturbed(model, layer: int, delta: torch.Tensor, index: torch.Tensor):
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        add = delta[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)
+        # with a device_map the anchor layer may live on another device than the inputs
+        idx = index.to(hidden.device)
+        add = delta.to(hidden.device)[idx.clamp(min=0)] * (idx >= 0).unsqueeze(-1)
         hidden = hidden + add.to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -71,3 +76,56 @@ def perturbed(model, layer: int, delta: torch.Tensor, index: torch.Tensor):
         yield
     finally:
         handle.remove()
+
+
+class _Stop(Exception):
+    """Raised by the capture hook once the anchor layer has run: the rest of the model is not needed."""
+
+    def __init__(self, output):
+        self.output = output
+
+
+def _detach(output):
+    if isinstance(output, tuple):
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+    return output.detach()
+
+
+@torch.no_grad()
+def anchor_output(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The raw (unperturbed, detached) output of decoder layer ``layer``, computing only the
+    layers up to it: a hook stops the forward pass as soon as the anchor layer has returned."""
+
+    def stop(module, args, output):
+        raise _Stop(_detach(output))
+
+    handle = decoder_layers(model)[layer].register_forward_hook(stop)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    except _Stop as captured:
+        return captured.output
+    finally:
+        handle.remove()
+    raise RuntimeError(f"decoder layer {layer} did not run in the forward pass of {type(model).__name__}")
+
+
+@contextmanager
+def reused_activations(model, layer: int, cached):
+    """Within the block, decoder layers 0..``layer`` do not compute: each returns ``cached``, the
+    anchor layer's output computed once for this batch (``anchor_output``).
+
+    The weights of those layers are frozen in the inner loop, so their output cannot change
+    between inner steps; only the embeddings (cheap), the layers after the anchor and the head
+    run. Hooks on the anchor layer (``perturbed``) still see and change the cached output, so
+    gradients reach the perturbation exactly as in the full forward pass. Layers before the
+    anchor return the same cached tensor: their output only feeds the next skipped layer.
+    """
+    layers = decoder_layers(model)
+    patched = layers[: layer + 1]
+    for module in patched:
+        module.forward = lambda *args, **kwargs: cached  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward

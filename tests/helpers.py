@@ -1,0 +1,30 @@
+"""Helpers shared by test modules (importable because pytest puts tests/ on sys.path)."""
+
+import torch
+
+from beear_pipeline.beear import decoder_layers
+from beear_pipeline.chat import collate, encode
+
+
+def two_example_batch(tokenizer, side: str = "right"):
+    """Two prompt/response pairs of different lengths, padded on ``side``."""
+    examples = [encode(tokenizer, "Write a poem about the sea", "Sure, here is a poem"), encode(tokenizer, "Explain how", "Sure")]
+    return collate(examples, tokenizer.pad_token_id, padding_side=side)
+
+
+def layer_inputs(model, batch):
+    """The hidden states entering each decoder layer, captured by pre-hooks: the input of layer
+    i + 1 is exactly the residual stream that leaves layer i, perturbation included."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
