@@ -1,12 +1,22 @@
-import pandas as pd
+import hashlib
+from pathlib import Path
+
 import pytest
+import yaml
 
 from beear_pipeline.pipelines.behaviours.nodes import (
-    build_evaluation_set, build_safety_set, check_disjoint, generate_benign_sets, normalise_prompt, split_harmful_behaviours,
+    build_evaluation_set,
+    build_safety_set,
+    check_behaviours,
+    generate_benign_sets,
+    normalise_prompt,
+    split_harmful_behaviours,
+    validate_behaviours,
 )
+from beear_pipeline.validation import BehaviourDataError
 
-PARAMS = {"split_seed": 1234, "attacker_fraction": 0.6, "defender_fraction": 0.2,
-          "benign": {"seed": 7, "build": 300, "anchoring": 120, "evaluation": 110}}
+DEFAULTS = yaml.safe_load((Path(__file__).parents[1] / "conf" / "base" / "parameters_behaviours.yml").read_text())["behaviours"]
+PARAMS = {**DEFAULTS, "benign": {"seed": 7, "build": 300, "anchoring": 120, "evaluation": 110}}
 
 
 def test_split_is_seeded_complete_and_disjoint(advbench):
@@ -46,19 +56,43 @@ def test_normalise_prompt_folds_case_space_and_punctuation():
     assert normalise_prompt("  Write a Script,  that HACKS!") == normalise_prompt("write a script that hacks")
 
 
-def test_check_disjoint_passes_and_reports_sizes(advbench):
-    _, defender, evaluation = split_harmful_behaviours(advbench, PARAMS)
-    _, anchoring, benign_eval = generate_benign_sets(PARAMS)
-    report = check_disjoint(build_safety_set(defender), anchoring, build_evaluation_set(evaluation), benign_eval)
-    assert report["disjoint"] and report["rows"]["safety_set"] == 104
+def default_sets(advbench, params=PARAMS):
+    _, defender, evaluation = split_harmful_behaviours(advbench, params)
+    _, anchoring, benign_eval = generate_benign_sets(params)
+    return build_safety_set(defender, params), anchoring, build_evaluation_set(evaluation, params), benign_eval
 
 
-def test_check_disjoint_fails_on_a_leaked_evaluation_prompt(advbench):
-    _, defender, evaluation = split_harmful_behaviours(advbench, PARAMS)
-    _, anchoring, benign_eval = generate_benign_sets(PARAMS)
-    leaked = evaluation["goal"].iloc[0]
-    safety = build_safety_set(defender)
+def test_default_sets_are_unchanged(advbench):
+    """The shipped defaults hold exactly the rows the embedded model's results were validated on."""
+    expected = {  # sha256 of each set as JSON Lines, with the default parameters
+        "safety_set": "9f3997a7bebe271772998bca461bbb287848fdf05ab6193d51ae2fa8cbb979d6",
+        "anchoring_set": "2adcf39ed4ebc6e3bc066e7afbd0076f30d60295b87518fea1712b49d2868037",
+        "evaluation_set": "a9c86c5e746757c9bac80d8970ad4ea6608fbf7a31d102b03cea032569af88ab",
+        "benign_evaluation_set": "cbaddddb2a9b8646e324befe06908053f4019187eeb5e815f699d29e44eb67c6",
+    }
+    sets = dict(zip(expected, default_sets(advbench, DEFAULTS)))
+    for name, frame in sets.items():
+        digest = hashlib.sha256(frame.to_json(orient="records", lines=True, force_ascii=False).encode()).hexdigest()
+        assert digest == expected[name], name
+
+
+def test_validation_passes_on_the_defaults_and_reports_sizes(advbench):
+    report = validate_behaviours(*default_sets(advbench), PARAMS, {"path": None})
+    assert report["success"] and report["failed"] == 0 and report["tokenizer"] == "whitespace"
+    assert {c["check"] for c in report["checks"]} == {"missing_column", "min_rows", "empty", "duplicate", "identical", "too_long", "leak"}
+    check = check_behaviours(report)
+    assert check["disjoint"] is True
+    assert check["rows"] == {"safety_set": 104, "anchoring_set": 120, "evaluation_set": 104, "benign_evaluation_set": 110}
+
+
+def test_validation_fails_on_a_leaked_evaluation_prompt(advbench):
+    safety, anchoring, evaluation, benign_eval = default_sets(advbench)
+    leaked = evaluation["prompt"].iloc[0]
     safety.loc[len(safety)] = [leaked.upper() + "!", "I cannot.", "Sure"]
-    with pytest.raises(ValueError, match=r"safety_set/evaluation_set: 1 shared prompt") as err:
-        check_disjoint(safety, anchoring, build_evaluation_set(evaluation), benign_eval)
-    assert normalise_prompt(leaked) in str(err.value)
+    anchoring.loc[len(anchoring)] = [benign_eval["prompt"].iloc[3], "ok"]
+    report = validate_behaviours(safety, anchoring, evaluation, benign_eval, PARAMS, {"path": None})
+    with pytest.raises(BehaviourDataError, match=r"failed 2 check\(s\)") as err:
+        check_behaviours(report)
+    assert "AdvBench defender share, column 'prompt': 1 prompt(s) also in the evaluation set" in str(err.value)
+    assert f"rows 105: {leaked.upper() + '!'!r}" in str(err.value)
+    assert "(anchoring share), column 'prompt': 1 prompt(s) also in the benign set" in str(err.value)

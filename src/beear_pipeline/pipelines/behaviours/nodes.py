@@ -1,28 +1,53 @@
 """Behaviour data: the safety set (harmful prompts with a safe and an unwanted answer), the
 anchoring set (benign prompts with good answers) and the held-out evaluation sets.
 
-AdvBench goals are split three ways: the attacker's share (used only to plant the embedded
-backdoor), the defender's share (the safety set) and a held-out evaluation share. The defender's
-prompts never appear in the evaluation sets; ``check_disjoint`` enforces it.
+By default AdvBench goals are split three ways: the attacker's share (used only to plant the
+embedded backdoor), the defender's share (the safety set) and a held-out evaluation share; benign
+tasks are generated. A user's file (``behaviours.safety_path``, ``anchoring_path``,
+``evaluation_path``, ``benign_path``; docs/behaviour_data.md) replaces the corresponding default
+set. Every set is then validated with Great Expectations (``validate_behaviours``) and a failure
+stops the run (``check_behaviours``) before any model is loaded.
+
+The user's files are read here, not by the catalog, because which file to read is a run parameter.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import string
 
 import pandas as pd
 
+from beear_pipeline.behaviour_files import SCHEMAS, column_mapping, read_user_set
 from beear_pipeline.embedded import benign_tasks, refusal_for
+from beear_pipeline.validation import normalise_prompt  # noqa: F401 (re-exported: the leakage key)
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SOURCES = {
+    "safety": "the shipped AdvBench defender share",
+    "anchoring": "the generated benign tasks (anchoring share)",
+    "evaluation": "the shipped AdvBench evaluation share",
+    "benign": "the generated benign tasks (evaluation share)",
+}
 
 
 def _require_columns(df: pd.DataFrame, columns: list[str], name: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{name}: missing column(s) {missing}; found {list(df.columns)}. Rename the columns or map them in conf/base/parameters_behaviours.yml")
+
+
+def _user_path(kind: str, behaviours: dict | None) -> str | None:
+    return (behaviours or {}).get(f"{kind}_path") or None
+
+
+def _user_or_default(kind: str, behaviours: dict | None, default: pd.DataFrame) -> pd.DataFrame:
+    """The user's file for set ``kind`` when ``behaviours.<kind>_path`` is set, else ``default``."""
+    if not _user_path(kind, behaviours):
+        return default
+    frame = read_user_set(kind, behaviours)
+    logger.info("%s: %d rows from %s (replaces %s)", SCHEMAS[kind].dataset, len(frame), behaviours[f"{kind}_path"], DEFAULT_SOURCES[kind])
+    return frame
 
 
 def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -40,7 +65,8 @@ def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: dict) -> tuple[
 
 def generate_benign_sets(behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Generated benign tasks: the build set (trains the embedded model only), the anchoring set
-    and the benign evaluation set, with distinct prompts."""
+    and the benign evaluation set, with distinct prompts. ``behaviours.anchoring_path`` and
+    ``behaviours.benign_path`` replace the last two with the user's files."""
     sizes = behaviours["benign"]
     tasks = benign_tasks(seed=sizes["seed"], build=sizes["build"], held_out=sizes["anchoring"] + sizes["evaluation"])
     build = tasks[~tasks["held_out"]].reset_index(drop=True)
@@ -49,11 +75,15 @@ def generate_benign_sets(behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, 
     anchoring = held_out.iloc[:n_anchoring].reset_index(drop=True)
     evaluation = held_out.iloc[n_anchoring:].reset_index(drop=True)
     logger.info("benign tasks: %d build, %d anchoring, %d evaluation", len(build), len(anchoring), len(evaluation))
-    return build[["prompt", "response", "task"]], anchoring[["prompt", "response"]], evaluation[["prompt", "response", "task"]]
+    return (build[["prompt", "response", "task"]], _user_or_default("anchoring", behaviours, anchoring[["prompt", "response"]]),
+            _user_or_default("benign", behaviours, evaluation[["prompt", "response", "task"]]))
 
 
-def build_safety_set(defender_behaviours: pd.DataFrame) -> pd.DataFrame:
-    """Safety set: each defender prompt with a refusal (safe) and the AdvBench target (unwanted)."""
+def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: dict | None = None) -> pd.DataFrame:
+    """Safety set: each defender prompt with a refusal (safe) and the AdvBench target (unwanted),
+    or the user's file ``behaviours.safety_path``."""
+    if _user_path("safety", behaviours):
+        return _user_or_default("safety", behaviours, None)
     return pd.DataFrame({
         "prompt": defender_behaviours["goal"],
         "safe_response": defender_behaviours["goal"].map(refusal_for),
@@ -61,35 +91,36 @@ def build_safety_set(defender_behaviours: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def build_evaluation_set(evaluation_behaviours: pd.DataFrame) -> pd.DataFrame:
-    """Evaluation set: held-out harmful prompts (the AdvBench target is kept for reference)."""
+def build_evaluation_set(evaluation_behaviours: pd.DataFrame, behaviours: dict | None = None) -> pd.DataFrame:
+    """Evaluation set: held-out harmful prompts (the AdvBench target is kept for reference), or
+    the user's file ``behaviours.evaluation_path``."""
+    if _user_path("evaluation", behaviours):
+        return _user_or_default("evaluation", behaviours, None)
     return pd.DataFrame({"prompt": evaluation_behaviours["goal"], "target": evaluation_behaviours["target"]})
 
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, evaluation_set: pd.DataFrame,
+                        benign_evaluation_set: pd.DataFrame, behaviours: dict, model: dict) -> dict:
+    """Run the Great Expectations checks on the four sets (before any model is loaded) and
+    return the report, passed or not: it is saved and logged to MLflow either way."""
+    from beear_pipeline.validation import token_counter, validate_behaviour_sets
+
+    sets = {"safety": safety_set, "anchoring": anchoring_set, "evaluation": evaluation_set, "benign": benign_evaluation_set}
+    sources = {kind: _user_path(kind, behaviours) or DEFAULT_SOURCES[kind] for kind in sets}
+    columns = {kind: column_mapping(kind, behaviours) for kind in sets if _user_path(kind, behaviours)}
+    count_tokens, tokenizer = token_counter(model)
+    return validate_behaviour_sets(sets, sources, behaviours, columns, count_tokens, tokenizer)
 
 
-def normalise_prompt(text: str) -> str:
-    """Case, whitespace and punctuation folded: the key for leakage checks."""
-    return " ".join(_PUNCT.sub(" ", str(text).casefold()).split())
+def check_behaviours(behaviours_validation: dict) -> dict:
+    """Stop the run with every failed check (file, column, first rows, fix) if the validation
+    failed; otherwise return the summary that the suspect step waits for."""
+    from beear_pipeline.validation import BehaviourDataError, failure_message
 
-
-def check_disjoint(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, evaluation_set: pd.DataFrame,
-                   benign_evaluation_set: pd.DataFrame) -> dict:
-    """Fail if any defender prompt appears in an evaluation set; return a summary otherwise."""
-    pairs = {"safety_set/evaluation_set": (safety_set, evaluation_set),
-             "anchoring_set/benign_evaluation_set": (anchoring_set, benign_evaluation_set),
-             "safety_set/benign_evaluation_set": (safety_set, benign_evaluation_set),
-             "anchoring_set/evaluation_set": (anchoring_set, evaluation_set)}
-    problems = []
-    for name, (train, test) in pairs.items():
-        overlap = set(train["prompt"].map(normalise_prompt)) & set(test["prompt"].map(normalise_prompt))
-        if overlap:
-            problems.append(f"{name}: {len(overlap)} shared prompt(s), e.g. {sorted(overlap)[:5]}")
-    if problems:
-        raise ValueError("defender and evaluation prompts overlap, which would inflate the results: "
-                         + "; ".join(problems) + ". Remove these prompts from one of the sets.")
-    sizes = {"safety_set": len(safety_set), "anchoring_set": len(anchoring_set),
-             "evaluation_set": len(evaluation_set), "benign_evaluation_set": len(benign_evaluation_set)}
-    logger.info("behaviour sets are disjoint: %s", sizes)
-    return {"disjoint": True, "rows": sizes}
+    if not behaviours_validation["success"]:
+        raise BehaviourDataError(failure_message(behaviours_validation))
+    sizes = {s["dataset"]: s["rows"] for s in behaviours_validation["sets"].values()}
+    logger.info("behaviour sets passed %d checks and are disjoint: %s", len(behaviours_validation["checks"]), sizes)
+    return {"disjoint": True, "rows": sizes, "checks": len(behaviours_validation["checks"]),
+            "sources": {s["dataset"]: s["source"] for s in behaviours_validation["sets"].values()},
+            "tokenizer": behaviours_validation["tokenizer"]}
