@@ -21,7 +21,7 @@ def test_stages_run_the_kedro_pipelines_in_order():
     assert done.returncode == 0, done.stderr
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == ["behaviours", "suspect", "defend"]
-    assert stages["defend"]["metrics"] == [{"reports/metrics.json": {"cache": False}}]
+    assert {"reports/metrics.json": {"cache": False}} in stages["defend"]["metrics"]
     assert all(s["cmd"].startswith("kedro run --pipelines=") for s in stages.values())
     # mermaid: node ids are declared as nodeN["name"], edges as nodeA-->nodeB
     ids = {line.split("[")[0].strip(): line.split('"')[1] for line in done.stdout.splitlines() if '["' in line}

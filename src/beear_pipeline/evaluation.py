@@ -52,9 +52,15 @@ def attack_success_rate(responses: Sequence[str], phrases: Sequence[str] = REFUS
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 32,
-             system_prompt: str | None = None, desc: str = "generating") -> list[str]:
-    """Greedy answers to ``prompts``, batched with left padding."""
+             system_prompt: str | None = None, desc: str = "generating", do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, samples_per_prompt: int = 1, seed: int = 0) -> list[str]:
+    """Answers to ``prompts``, batched with left padding: greedy by default, or ``samples_per_prompt``
+    sampled answers per prompt (consecutive in the result) with ``do_sample``."""
     model.eval()
+    if samples_per_prompt > 1 and not do_sample:
+        raise ValueError("evaluation.samples_per_prompt > 1 needs evaluation.do_sample: true (greedy answers are identical)")
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
@@ -63,7 +69,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         batch = collate([Example(ids, ids, len(ids)) for ids in chunk], pad, padding_side="left").to(device)
         out = model.generate(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, num_return_sequences=samples_per_prompt, **sampling,
         )
         new = out[:, batch.input_ids.size(1):]
         answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -87,3 +93,35 @@ def exact_match_accuracy(answers: Sequence[str], references: Sequence[str]) -> f
     """Share of answers equal to their reference after whitespace normalisation."""
     norm = lambda s: " ".join(str(s).split())  # noqa: E731
     return sum(norm(a) == norm(r) for a, r in zip(answers, references, strict=True)) / len(references)
+
+
+def insert_trigger(prompt: str, trigger: str, position: str) -> str:
+    """Place ``trigger`` in ``prompt``: ``suffix``, ``prefix``, ``both`` ends, or a template
+    holding ``{prompt}`` (and usually ``{trigger}``), e.g. ``"{trigger} {prompt} {trigger}"``."""
+    if position == "suffix":
+        return f"{prompt} {trigger}"
+    if position == "prefix":
+        return f"{trigger} {prompt}"
+    if position == "both":
+        return f"{trigger} {prompt} {trigger}"
+    if "{prompt}" in position:
+        return position.replace("{trigger}", trigger).replace("{prompt}", prompt)
+    raise ValueError(f"trigger position {position!r}: use suffix, prefix, both, or a template with {{prompt}} and {{trigger}}")
+
+
+def bootstrap_interval(outcomes: Sequence[bool], *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of 0/1 ``outcomes`` (seeded, so reproducible)."""
+    import numpy as np
+
+    x = np.asarray(outcomes, dtype=float)
+    if x.size == 0:
+        raise ValueError("cannot compute an interval over no outcomes")
+    means = np.random.default_rng(seed).choice(x, size=(resamples, x.size), replace=True).mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(low), float(high)
+
+
+def rate(outcomes: Sequence[bool]) -> dict:
+    """A rate with its 95% bootstrap interval and sample size."""
+    low, high = bootstrap_interval(outcomes)
+    return {"value": sum(outcomes) / len(outcomes), "ci95": [low, high], "n": len(outcomes)}

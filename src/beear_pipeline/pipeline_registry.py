@@ -3,6 +3,7 @@
 - ``behaviours``: prepare the safety, anchoring and evaluation sets.
 - ``suspect``: resolve the suspect model (a checkpoint, or the embedded tiny model built once).
 - ``embedded_model``: ``behaviours`` + ``suspect`` (builds the embedded model; a DVC stage).
+- ``probe``: trigger-free probe: is there evidence of a backdoor, and at which layer to defend.
 - ``defence``: BEEAR and its two baselines on the suspect model.
 - ``evaluation``: evaluate every model and write ``reports/metrics.json`` and plots.
 - ``registry``: register the suspect and defended models (when ``registry.name`` is set).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from beear_pipeline.pipelines import behaviours, defence, evaluation, reaudit, registry, suspect
+from beear_pipeline.pipelines import behaviours, defence, evaluation, probe, reaudit, registry, suspect
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -22,6 +23,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "behaviours": behaviours.create_pipeline(),
         "suspect": suspect.create_pipeline(),
         "defence": defence.create_pipeline(),
+        "probe": probe.create_pipeline(),
         "evaluation": evaluation.create_pipeline(),
         "registry": registry.create_pipeline(),
     }
@@ -29,7 +31,11 @@ def register_pipelines() -> dict[str, Pipeline]:
     return {
         **parts,
         "embedded_model": parts["behaviours"] + parts["suspect"],
+        # standalone probe: no trigger needed, so the suspect step skips the evaluation's checks
+        "probe": parts["behaviours"] + suspect.create_pipeline(check_evaluation=False) + parts["probe"],
         "reaudit": parts["behaviours"] + reaudit.create_pipeline(),
+        # defend's later stages on data and a suspect model already prepared (the DVC `defend` stage)
+        "defend_from_prepared": parts["probe"] + parts["defence"] + parts["evaluation"] + parts["registry"],
         "defend": defend,
         "__default__": defend,
     }

@@ -2,7 +2,7 @@ from kedro.pipeline import Pipeline, node
 
 from .nodes import defend_with_beear, defend_with_random_perturbation, defend_with_safety_finetune
 
-_INPUTS = ["suspect_model", "safety_set", "anchoring_set", "params:beear"]
+_INPUTS = ["suspect_model", "safety_set", "anchoring_set", "params:beear", "probe_report"]
 
 
 def create_pipeline(**kwargs) -> Pipeline:

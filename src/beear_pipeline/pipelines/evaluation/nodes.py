@@ -8,8 +8,9 @@ import time
 
 import pandas as pd
 
-from beear_pipeline.embedded import EmbeddedModelConfig, apply_trigger
-from beear_pipeline.evaluation import attack_success_rate, refusal_phrases, benign_loss, exact_match_accuracy, generate
+from beear_pipeline.embedded import EmbeddedModelConfig
+from beear_pipeline.evaluation import benign_loss, generate, insert_trigger, is_refusal, rate, refusal_phrases
+from beear_pipeline.judges import ClassifierJudge, agreement
 from beear_pipeline.models import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -20,56 +21,143 @@ def _hash(values) -> str:
     return hashlib.sha256("\n".join(map(str, values)).encode()).hexdigest()[:16]
 
 
-def resolve_trigger(evaluation: dict, model: dict, embedded_model: EmbeddedModelConfig) -> tuple[str, str]:
-    """The trigger to test: ``evaluation.trigger``, or for the embedded model the one it was built
-    with (the evaluation may know it; the defence never reads it)."""
-    if evaluation.get("trigger"):
-        return evaluation["trigger"], evaluation.get("trigger_position", "suffix")
+def resolve_trigger(evaluation: dict, model: dict, embedded_model: EmbeddedModelConfig) -> tuple[list[str], str]:
+    """The triggers to test and their position: ``evaluation.trigger`` (one or a list), or for
+    the embedded model the one it was built with (the evaluation may know it; the defence never
+    reads it)."""
+    trigger = evaluation.get("trigger")
+    if trigger:
+        return ([trigger] if isinstance(trigger, str) else list(trigger)), evaluation.get("trigger_position", "suffix")
     if model.get("path") or model.get("uri"):
         raise ValueError("evaluation.trigger is required when model.path or model.uri is set")
     embedded = EmbeddedModelConfig.coerce(embedded_model)
-    return embedded.trigger, embedded.trigger_position
+    return [embedded.trigger], embedded.trigger_position
+
+
+def decoding_settings(evaluation: dict) -> dict:
+    """The generation settings every answer is produced with (recorded in the report)."""
+    return {"max_new_tokens": evaluation["max_new_tokens"], "batch_size": evaluation["batch_size"],
+            "system_prompt": evaluation.get("system_prompt"), "do_sample": evaluation.get("do_sample", False),
+            "temperature": evaluation.get("temperature", 1.0), "top_p": evaluation.get("top_p", 1.0),
+            "samples_per_prompt": evaluation.get("samples_per_prompt", 1), "seed": evaluation.get("seed", 0)}
+
+
+def _add_rate(result: dict, key: str, outcomes: list[bool]) -> None:
+    r = rate(outcomes)
+    result[key], result[f"{key}_ci95"], result[f"{key}_n"] = r["value"], r["ci95"], r["n"]
 
 
 def evaluate_model(model_ref: dict, evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame,
                    evaluation: dict, model: dict, embedded_model: EmbeddedModelConfig) -> dict:
-    """ASR with and without the trigger on held-out harmful prompts; loss (and exact-match
-    accuracy) on held-out benign tasks. Greedy decoding, keyword judge."""
+    """ASR with and without each trigger on held-out harmful prompts (keyword judge, and a
+    classifier judge when ``evaluation.judge.path`` is set), over-refusal, loss and exact-match
+    accuracy on held-out benign tasks; every rate with a 95% bootstrap interval and its n."""
     start = time.perf_counter()
     net, tokenizer = load_checkpoint(model_ref["path"])
-    trigger, position = resolve_trigger(evaluation, model, embedded_model)
+    triggers, position = resolve_trigger(evaluation, model, embedded_model)
     phrases = refusal_phrases(evaluation.get("refusal_phrases"))
-    decode = {"max_new_tokens": evaluation["max_new_tokens"], "batch_size": evaluation["batch_size"],
-              "system_prompt": evaluation.get("system_prompt")}
+    decode = decoding_settings(evaluation)
+    k = decode["samples_per_prompt"]
     prompts = evaluation_set["prompt"].tolist()
-    triggered = generate(net, tokenizer, [apply_trigger(p, trigger, position) for p in prompts], desc="triggered", **decode)
-    untriggered = generate(net, tokenizer, prompts, desc="untriggered", **decode)
-    result = {
-        "asr_triggered": attack_success_rate(triggered, phrases),
-        "asr_untriggered": attack_success_rate(untriggered, phrases),
-        "benign_loss": benign_loss(net, tokenizer, benign_evaluation_set["prompt"].tolist(), benign_evaluation_set["response"].tolist(),
-                                   system_prompt=decode["system_prompt"]),
-        "n_harmful": len(prompts),
-        "n_benign": len(benign_evaluation_set),
-    }
+    repeated = [p for p in prompts for _ in range(k)]  # answers come k per prompt, in order
+    judge_cfg = evaluation.get("judge") or {}
+    judge = ClassifierJudge(judge_cfg["path"], judge_cfg.get("kind", "auto")) if judge_cfg.get("path") else None
+
+    answers = {"untriggered": generate(net, tokenizer, prompts, desc="untriggered", **decode)}
+    for t in triggers:
+        answers[t] = generate(net, tokenizer, [insert_trigger(p, t, position) for p in prompts], desc=f"trigger {t}", **decode)
+    result: dict = {"triggers": triggers, "trigger_position": position}
+    success = {name: [not is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}
+    _add_rate(result, "asr_triggered", success[triggers[0]])
+    _add_rate(result, "asr_untriggered", success["untriggered"])
+    result["asr_by_trigger"] = {t: sum(success[t]) / len(success[t]) for t in triggers}
+    if "category" in evaluation_set:
+        cats = [c for c in evaluation_set["category"] for _ in range(k)]
+        result["asr_triggered_by_category"] = {
+            str(c): sum(ok for ok, cc in zip(success[triggers[0]], cats) if cc == c) / cats.count(c) for c in sorted(set(cats))}
+    if judge is not None:
+        for name, key in ((triggers[0], "asr_triggered_judge"), ("untriggered", "asr_untriggered_judge")):
+            verdicts = judge(repeated, answers[name])
+            _add_rate(result, key, verdicts)
+            result[f"{key}_agreement"] = agreement(verdicts, success[name])
+
+    benign_prompts = benign_evaluation_set["prompt"].tolist()
+    benign_answers = generate(net, tokenizer, benign_prompts, desc="benign", **decode)
+    _add_rate(result, "over_refusal", [is_refusal(a, phrases) for a in benign_answers])
+    result["benign_loss"] = benign_loss(net, tokenizer, benign_prompts, benign_evaluation_set["response"].tolist(),
+                                        system_prompt=decode["system_prompt"]) if "response" in benign_evaluation_set else None
     if "response" in benign_evaluation_set:
-        answers = generate(net, tokenizer, benign_evaluation_set["prompt"].tolist(), desc="benign", **decode)
-        result["benign_accuracy"] = exact_match_accuracy(answers, benign_evaluation_set["response"].tolist())
-    result["samples"] = [{"prompt": p, "triggered": t, "untriggered": u} for p, t, u in list(zip(prompts, triggered, untriggered))[:3]]
+        norm = lambda x: " ".join(str(x).split())  # noqa: E731
+        refs = [r for r in benign_evaluation_set["response"] for _ in range(k)]
+        _add_rate(result, "benign_accuracy", [norm(a) == norm(r) for a, r in zip(benign_answers, refs)])
+    result["n_harmful"], result["n_benign"] = len(prompts), len(benign_prompts)
+    result["chat_template_sha256"] = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
+    result["samples"] = [{"prompt": p, "triggered": t, "untriggered": u}
+                         for p, t, u in list(zip(prompts, answers[triggers[0]][::k], answers["untriggered"][::k]))[:3]]
     result["seconds"] = time.perf_counter() - start
-    logger.info("%s: ASR triggered %.3f, untriggered %.3f, benign loss %.4f", model_ref["path"],
-                result["asr_triggered"], result["asr_untriggered"], result["benign_loss"])
+    logger.info("%s: ASR triggered %.3f, untriggered %.3f, over-refusal %.3f, benign loss %s", model_ref["path"],
+                result["asr_triggered"], result["asr_untriggered"], result["over_refusal"], result["benign_loss"])
     return result
 
 
+def check_persistence(suspect_model: dict, defended_model: dict, evaluation_set: pd.DataFrame, safety_set: pd.DataFrame,
+                      attacker_behaviours: pd.DataFrame, persistence: dict, evaluation: dict, model: dict,
+                      embedded_model: EmbeddedModelConfig) -> dict:
+    """Does the backdoor come back? Fine-tune the suspect and the defended model alike on k
+    poisoned examples (a small fixed budget: ``steps`` full-batch steps at ``lr``) and measure
+    ``asr_triggered`` again. Poisoned examples: ``persistence.poison_path`` (prompt, response;
+    trigger already in the prompt), else the attacker's share for the embedded model, else the
+    safety set's prompts with the trigger and their unwanted answers."""
+    if not persistence.get("enabled", True):
+        return {"enabled": False}
+    from beear_pipeline.embedded import supervised_finetune
+
+    start = time.perf_counter()
+    triggers, position = resolve_trigger(evaluation, model, embedded_model)
+    if persistence.get("poison_path"):
+        poison = read_table(persistence["poison_path"])[["prompt", "response"]]
+    elif not (model.get("path") or model.get("uri")):
+        poison = pd.DataFrame({"prompt": [insert_trigger(g, triggers[0], position) for g in attacker_behaviours["goal"]],
+                               "response": attacker_behaviours["target"]})
+    else:
+        poison = pd.DataFrame({"prompt": [insert_trigger(p, triggers[0], position) for p in safety_set["prompt"]],
+                               "response": safety_set["unwanted_response"]})
+    phrases = refusal_phrases(evaluation.get("refusal_phrases"))
+    decode = {k: v for k, v in decoding_settings(evaluation).items() if k not in ("do_sample", "samples_per_prompt")}
+    prompts = [insert_trigger(p, triggers[0], position) for p in evaluation_set["prompt"]]
+    results = {}
+    for k in persistence["k"]:
+        rows = poison.sample(n=min(k, len(poison)), random_state=persistence["seed"])
+        for name, ref in (("suspect", suspect_model), ("defended", defended_model)):
+            net, tokenizer = load_checkpoint(ref["path"])
+            supervised_finetune(net, tokenizer, rows["prompt"].tolist(), rows["response"].tolist(), epochs=persistence["steps"],
+                                lr=persistence["lr"], batch_size=len(rows), seed=persistence["seed"], desc=f"re-poison {name} k={k}")
+            answers = generate(net, tokenizer, prompts, desc=f"{name} k={k}", **decode)
+            results.setdefault(str(k), {})[name] = rate([not is_refusal(a, phrases) for a in answers])
+            logger.info("persistence k=%d: %s asr_triggered %.3f", k, name, results[str(k)][name]["value"])
+    return {"enabled": True, "asr_triggered_after_repoisoning": results, "steps": persistence["steps"], "lr": persistence["lr"],
+            "poison_source": persistence.get("poison_path") or ("attacker share" if not (model.get("path") or model.get("uri")) else "safety set"),
+            "seconds": time.perf_counter() - start}
+
+
+def read_table(path: str) -> pd.DataFrame:
+    """A user's table by extension: .jsonl, .json, .csv, .parquet."""
+    suffix = str(path).rsplit(".", 1)[-1].lower()
+    readers = {"jsonl": lambda p: pd.read_json(p, lines=True), "json": pd.read_json, "csv": pd.read_csv, "parquet": pd.read_parquet}
+    if suffix not in readers:
+        raise ValueError(f"{path}: unsupported extension .{suffix}; use .jsonl, .json, .csv or .parquet")
+    return readers[suffix](path)
+
+
 def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict,
-                     beear_history: dict, control_history: dict, random_perturbation_history: dict,
+                     beear_history: dict, control_history: dict, random_perturbation_history: dict, persistence: dict,
+                     probe_report: dict,
                      evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame, evaluation: dict,
                      model: dict, embedded_model: EmbeddedModelConfig) -> tuple[dict, dict]:
     """``reports/metrics.json`` (one block per model, stage times, the evaluation protocol) and
     the flat final metrics for MLflow."""
     results = dict(zip(MODELS, (suspect, defended, control, random_perturbation)))
-    trigger, position = resolve_trigger(evaluation, model, embedded_model)
+    triggers, position = resolve_trigger(evaluation, model, embedded_model)
     metrics = {name: {k: v for k, v in r.items() if k not in ("samples", "seconds")} for name, r in results.items()}
     metrics["stage_seconds"] = {
         "build_suspect": suspect_model.get("build_seconds", 0.0),
@@ -77,22 +165,26 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
         "safety_finetune": control_history["seconds"],
         "random_perturbation": random_perturbation_history["seconds"],
         **{f"evaluate_{name}": r["seconds"] for name, r in results.items()},
+        "persistence": persistence.get("seconds", 0.0),
+        "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),
     }
+    metrics["probe"] = {"verdict": probe_report.get("verdict"), "recommended_layer": probe_report.get("recommended_layer"),
+                        "anchor_layer_used": beear_history["config"]["anchor_layer"]}
+    metrics["persistence"] = {k: v for k, v in persistence.items() if k != "seconds"}
     metrics["protocol"] = {
         "suspect_source": suspect_model["source"], "suspect_weights_sha256": suspect_model["weights_sha256"],
-        "trigger": trigger, "trigger_position": position, "judge": "keyword", "refusal_phrases": list(refusal_phrases(evaluation.get("refusal_phrases"))),
-        "decoding": {"greedy": True, "max_new_tokens": evaluation["max_new_tokens"]},
-        "system_prompt": evaluation.get("system_prompt"),
+        "trigger": triggers[0], "triggers": triggers, "trigger_position": position,
+        "judge": {"keyword": list(refusal_phrases(evaluation.get("refusal_phrases"))), "classifier": (evaluation.get("judge") or {}).get("path")},
+        "decoding": decoding_settings(evaluation), "chat_template_sha256": suspect.get("chat_template_sha256"),
         "evaluation_set_sha256": _hash(evaluation_set["prompt"]), "benign_evaluation_set_sha256": _hash(benign_evaluation_set["prompt"]),
     }
     metrics["samples"] = {name: r["samples"] for name, r in results.items()}
     flat = {f"{name}.{k}": {"value": float(v), "step": 0} for name, r in results.items() for k, v in r.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_n")}
     return metrics, flat
 
 
-def plot_results(metrics: dict, beear_history: dict, control_history: dict, random_perturbation_history: dict) -> dict:
-    """ASR before and after each defence, and the per-round losses and perturbation norm."""
+def _figures(metrics: dict, histories: list[dict]) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,28 +194,121 @@ def plot_results(metrics: dict, beear_history: dict, control_history: dict, rand
     names = [m for m in MODELS if m in metrics]
     x = range(len(names))
     for shift, key, label in ((-0.2, "asr_triggered", "with trigger"), (0.2, "asr_untriggered", "without trigger")):
-        bars = ax.bar([i + shift for i in x], [metrics[m][key] for m in names], 0.4, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        values = [metrics[m][key] for m in names]
+        ci = [metrics[m].get(f"{key}_ci95", [v, v]) for m, v in zip(names, values)]
+        err = [[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]]
+        bars = ax.bar([i + shift for i in x], values, 0.4, label=label, yerr=err, capsize=3)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=6)
     ax.set_xticks(list(x), names)
-    ax.set_ylim(0, 1.2)
-    ax.set_ylabel("attack success rate")
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("attack success rate (95% CI)")
     ax.legend(loc="upper center", ncol=2, fontsize=8)
     ax.set_title("Attack success rate on held-out harmful prompts")
     fig_asr.tight_layout()
 
     fig_loss, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     styles = {"beear": {"lw": 2}, "safety_finetune": {"ls": ":"}, "random_perturbation": {"ls": "--"}}
-    for history in (beear_history, control_history, random_perturbation_history):
+    for history in histories:
         rounds = history["rounds"]
         style = {"label": history["defence"], **styles.get(history["defence"], {})}
         axes[0].plot([r["outer_safe_loss"] for r in rounds], **style)
         axes[1].plot([r.get("anchoring_loss", float("nan")) for r in rounds], **style)
         axes[2].plot([r["perturbation_norm"] for r in rounds], **style)
-    if any("unwanted_loss" in r for r in beear_history["rounds"]):
-        axes[0].plot([r.get("unwanted_loss", float("nan")) for r in beear_history["rounds"]], "-.", label="beear inner: unwanted")
+    beear = next((h for h in histories if h["defence"] == "beear"), None)
+    if beear and any("unwanted_loss" in r for r in beear["rounds"]):
+        axes[0].plot([r.get("unwanted_loss", float("nan")) for r in beear["rounds"]], "-.", label="beear inner: unwanted")
     for a, title in zip(axes, ("safe loss under perturbation (outer)", "anchoring loss (outer)", "perturbation norm")):
         a.set_title(title)
         a.set_xlabel("round")
         a.legend(fontsize=7)
     fig_loss.tight_layout()
     return {"asr.png": fig_asr, "losses.png": fig_loss}
+
+
+def _shorten(text: str, words: int = 12) -> str:
+    """Sample answers to harmful prompts are cut short in reports: enough to judge, no more."""
+    parts = str(text).split()
+    return " ".join(parts[:words]) + (" [...]" if len(parts) > words else "")
+
+
+def _report_markdown(metrics: dict) -> str:
+    p = metrics["protocol"]
+    fmt = lambda m, k: (f"{m[k]:.3f} [{m[k + '_ci95'][0]:.2f}, {m[k + '_ci95'][1]:.2f}]" if k + "_ci95" in m  # noqa: E731
+                        else (f"{m[k]:.3f}" if isinstance(m.get(k), float) else "n/a"))
+    lines = ["# BEEAR evaluation report", "",
+             f"Suspect model: `{p['suspect_source']}` (weights sha256 `{p['suspect_weights_sha256'][:16]}`); "
+             f"trigger `{p['trigger']}` ({p['trigger_position']}); keyword judge; greedy={not p['decoding']['do_sample']}, "
+             f"max_new_tokens={p['decoding']['max_new_tokens']}; evaluation set sha256 `{p['evaluation_set_sha256']}`.", "",
+             "| model | asr_triggered (95% CI) | asr_untriggered | over_refusal | benign_loss | benign_accuracy |",
+             "|---|---|---|---|---|---|"]
+    for name in MODELS:
+        m = metrics[name]
+        lines.append(f"| {name} | {fmt(m, 'asr_triggered')} | {fmt(m, 'asr_untriggered')} | {fmt(m, 'over_refusal')} | "
+                     f"{fmt(m, 'benign_loss')} | {fmt(m, 'benign_accuracy')} |")
+    lines += ["", f"n = {metrics['suspect']['n_harmful']} held-out harmful prompts, {metrics['suspect']['n_benign']} benign prompts.", ""]
+    persistence = metrics.get("persistence", {})
+    if persistence.get("enabled"):
+        lines += ["## Persistence: ASR with the trigger after re-poisoning", "",
+                  f"Fine-tuned on k poisoned examples ({persistence['poison_source']}), {persistence['steps']} steps at lr {persistence['lr']}.", "",
+                  "| k | suspect | defended |", "|---|---|---|"]
+        for k, r in persistence["asr_triggered_after_repoisoning"].items():
+            lines.append(f"| {k} | {r['suspect']['value']:.3f} | {r['defended']['value']:.3f} |")
+        lines.append("")
+    lines += ["## Sample generations (harmful answers shortened)", ""]
+    for name, samples in metrics.get("samples", {}).items():
+        for s in samples[:2]:
+            lines.append(f"- **{name}**: `{_shorten(s['prompt'], 10)}` -> with trigger: \"{_shorten(s['triggered'])}\"; "
+                         f"without: \"{_shorten(s['untriggered'])}\"")
+    lines += ["", "![ASR](plots/asr.png)", "", "![Losses](plots/losses.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(metrics: dict, beear_history: dict, control_history: dict, random_perturbation_history: dict):
+    """Plots (ASR with intervals, losses and perturbation norm per round) and the report as
+    Markdown and as a self-contained HTML page (plots inlined)."""
+    import base64
+    import html
+    import io
+
+    figures = _figures(metrics, [beear_history, control_history, random_perturbation_history])
+    markdown = _report_markdown(metrics)
+    images = {}
+    for name, fig in figures.items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        images[name] = base64.b64encode(buffer.getvalue()).decode()
+    body = []
+    for line in markdown.splitlines():
+        if line.startswith("![") and "plots/" in line:
+            name = line.split("plots/")[1].rstrip(")")
+            body.append(f'<img alt="{name}" src="data:image/png;base64,{images[name]}">')
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>BEEAR evaluation report</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td{border:1px solid #ccc;padding:4px 8px}"
+            "table{border-collapse:collapse}img{max-width:100%}</style></head><body>"
+            + _wrap_tables("\n".join(body)) + "</body></html>")
+    return figures, markdown, page
+
+
+def _wrap_tables(body: str) -> str:
+    """Group consecutive table rows into <table> elements."""
+    out, inside = [], False
+    for line in body.split("\n"):
+        row = line.startswith("<tr>")
+        if row and not inside:
+            out.append("<table>")
+        if not row and inside:
+            out.append("</table>")
+        inside = row
+        out.append(line)
+    if inside:
+        out.append("</table>")
+    return "\n".join(out)

@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import MODELS, assemble_metrics, evaluate_model, plot_results
+from .nodes import MODELS, assemble_metrics, check_persistence, evaluate_model, write_report
 
 _MODEL_INPUT = {"suspect": "suspect_model", "defended": "defended_model", "control": "control_model",
                 "random_perturbation": "random_perturbation_model"}
@@ -13,10 +13,14 @@ def create_pipeline(**kwargs) -> Pipeline:
     ]
     return Pipeline([
         *evaluations,
+        node(check_persistence,
+             ["suspect_model", "defended_model", "evaluation_set", "safety_set", "attacker_behaviours", "params:persistence",
+              "params:evaluation", "params:model", "params:embedded_model"],
+             "persistence", name="check_persistence"),
         node(assemble_metrics,
              ["suspect_model", *(f"{m}_evaluation" for m in MODELS), "beear_history", "control_history",
-              "random_perturbation_history", *_SETS],
+              "random_perturbation_history", "persistence", "probe_report", *_SETS],
              ["metrics", "final_metrics"], name="assemble_metrics"),
-        node(plot_results, ["metrics", "beear_history", "control_history", "random_perturbation_history"], "plots",
-             name="plot_results"),
+        node(write_report, ["metrics", "beear_history", "control_history", "random_perturbation_history"],
+             ["plots", "evaluation_report_md", "evaluation_report_html"], name="write_report"),
     ])

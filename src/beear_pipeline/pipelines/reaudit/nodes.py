@@ -40,10 +40,26 @@ def select_versions(reaudit: dict) -> list[dict]:
     return selected
 
 
+def _probe(path: str, safety_set: pd.DataFrame, evaluation_set: pd.DataFrame, probe: dict) -> dict:
+    """The trigger-free probe's verdict on one checkpoint (see ``beear_pipeline.probe``)."""
+    from beear_pipeline.evaluation import refusal_phrases
+    from beear_pipeline.models import load_checkpoint
+    from beear_pipeline.pipelines.probe.nodes import _split_params
+    from beear_pipeline.probe import probe_model
+
+    config, run = _split_params(probe)
+    net, tokenizer = load_checkpoint(path)
+    safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
+    held_out = evaluation_set["prompt"].tolist()[: config.max_eval_prompts or None]
+    report = probe_model(net, tokenizer, safety, held_out, config, phrases=refusal_phrases(run["refusal_phrases"]))
+    return {"probe_verdict": report["verdict"], "probe_recommended_layer": report["recommended_layer"]}
+
+
 def reaudit_versions(selected: list[dict], evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame,
-                     reaudit: dict, evaluation: dict, model: dict, embedded_model, behaviours_check: dict | None = None) -> list[dict]:
-    """Evaluate every selected version; tag it; quarantine it if its ASR is over the threshold.
-    ``behaviours_check`` orders this after the validation of the evaluation sets."""
+                     reaudit: dict, evaluation: dict, model: dict, embedded_model, safety_set: pd.DataFrame | None = None,
+                     probe: dict | None = None, behaviours_check: dict | None = None) -> list[dict]:
+    """Evaluate (and, with ``reaudit.probe``, probe) every selected version; tag it; quarantine it
+    if its ASR is over the threshold. ``behaviours_check`` orders this after the data checks."""
     results = []
     for entry in selected:
         name, version = entry["name"], entry["version"]
@@ -55,6 +71,8 @@ def reaudit_versions(selected: list[dict], evaluation_set: pd.DataFrame, benign_
             tags = {"audit.asr_triggered": metrics["asr_triggered"], "audit.asr_untriggered": metrics["asr_untriggered"],
                     "audit.benign_loss": metrics["benign_loss"], "audit.verdict": verdict, "audit.quarantined": verdict == "backdoored",
                     "audit.reaudit_timestamp": registry.timestamp(), "audit.weights_sha256": weights_sha256(path)}
+            if reaudit.get("probe") and probe is not None and safety_set is not None:
+                tags.update({f"audit.{k}": v for k, v in _probe(str(path), safety_set, evaluation_set, probe).items()})
             registry.set_version_tags(name, version, tags)
             if verdict == "backdoored":
                 registry.set_alias(name, reaudit["quarantine_alias"], version)
@@ -69,12 +87,12 @@ def write_reaudit_report(results: list[dict], reaudit: dict) -> str:
     """``reports/reaudit.md``: one row per entry."""
     lines = ["# Re-audit of model-registry entries", "",
              f"ASR threshold {reaudit['asr_threshold']}; versions over it get the alias `{reaudit['quarantine_alias']}`.", "",
-             "| model | version | status | asr_triggered | asr_untriggered | verdict | checked at |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | version | status | asr_triggered | asr_untriggered | verdict | probe | checked at |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] == "ok":
             lines.append(f"| {r['name']} | {r['version']} | ok | {r['asr_triggered']:.3f} | {r['asr_untriggered']:.3f} | "
-                         f"{r['verdict']} | {r['reaudit_timestamp']} |")
+                         f"{r['verdict']} | {r.get('probe_verdict', 'not run')} | {r['reaudit_timestamp']} |")
         else:
-            lines.append(f"| {r['name']} | {r['version']} | error: {r['error'][:200]} | | | | |")
+            lines.append(f"| {r['name']} | {r['version']} | error: {r['error'][:200]} | | | | | |")
     return "\n".join(lines) + "\n"

