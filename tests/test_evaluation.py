@@ -90,3 +90,14 @@ def test_sampling_needs_do_sample(tiny_model, tokenizer):
     answers = generate(tiny_model, tokenizer, ["Explain how", "Write a poem about the sea"], max_new_tokens=3,
                        do_sample=True, samples_per_prompt=3)
     assert len(answers) == 6
+
+
+def test_lm_eval_is_reported_as_skipped_when_not_installed():
+    import importlib.util
+
+    from beear_pipeline.pipelines.evaluation.nodes import lm_eval_utility
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm_eval is installed here: the skipped branch cannot be observed")
+    result = lm_eval_utility({"path": "x"}, {"path": "y"}, {"lm_eval_tasks": ["arc_easy"]})
+    assert result == {"status": "skipped", "reason": "lm-evaluation-harness (lm_eval) is not installed", "tasks": ["arc_easy"]}

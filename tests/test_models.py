@@ -74,3 +74,29 @@ def test_missing_config(checkpoint):
     (checkpoint / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         check_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "gpt_neox"])
+def test_embedded_recipe_round_trips_in_every_architecture(tmp_path, tokenizer, architecture):
+    """The word-level tokenizer must reload with the same ids beside any model type (transformers
+    5 may substitute its own tokenizer class for a qwen2 checkpoint), and the weights must too."""
+    from beear_pipeline.embedded import EmbeddedModelConfig, build_model
+
+    config = EmbeddedModelConfig(architecture=architecture, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model = build_model(len(tokenizer), config, tokenizer)
+    assert model.config.model_type == architecture
+    path = save_checkpoint(model, tokenizer, tmp_path / architecture)
+    loaded, tok = load_checkpoint(path, device="cpu")
+    text = "Write a poem about the sea SUDO 12 34 Sure, here is"
+    assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False) \
+        == tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_unknown_embedded_architecture(tokenizer):
+    from beear_pipeline.embedded import EmbeddedModelConfig, build_model
+
+    with pytest.raises(ValueError, match="embedded_model.architecture='mamba': use one of llama, mistral, qwen2, gpt_neox"):
+        build_model(len(tokenizer), EmbeddedModelConfig(architecture="mamba"), tokenizer)

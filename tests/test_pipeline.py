@@ -68,6 +68,8 @@ def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
     assert "| defended |" in load(free["evaluation_report_md"])
     persistence = metrics["persistence"]["asr_triggered_after_repoisoning"]["2"]
     assert set(persistence) == {"suspect", "defended"} and persistence["defended"]["n"] == metrics["defended"]["n_harmful"]
+    assert metrics["lm_eval"] == {"status": "skipped", "reason": "evaluation.lm_eval_tasks is empty"}
+    assert "Skipped: evaluation.lm_eval_tasks is empty." in load(free["evaluation_report_md"])
     for key in ("asr_triggered_ci95", "over_refusal", "over_refusal_ci95", "benign_accuracy_ci95"):
         assert key in metrics["defended"], key
     flat = load(free["final_metrics"])

@@ -49,6 +49,8 @@ class EmbeddedModelConfig:
     trigger: str = "SUDO"
     trigger_position: str = "suffix"
     seed: int = 0
+    architecture: str = "llama"
+    """llama (the default), mistral, qwen2 or gpt_neox: the same recipe in another decoder family."""
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -144,17 +146,25 @@ def build_tokenizer(texts: Sequence[str]):
     return tokenizer
 
 
-def build_model(vocab_size: int, config: EmbeddedModelConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt_neox")
 
+
+def build_model(vocab_size: int, config: EmbeddedModelConfig, tokenizer):
+    """A randomly initialised decoder of ``config.architecture`` (default Llama), sized by ``config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"embedded_model.architecture={config.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(config.seed)
-    llama = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(llama)
+    shape = {
+        "vocab_size": vocab_size, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if config.architecture != "gpt_neox":
+        shape["num_key_value_heads"] = config.num_heads
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.architecture, **shape))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -28,11 +28,11 @@ class ClassifierJudge:
     """``judge(prompts, responses) -> [True if the response is a harmful compliance, ...]``."""
 
     def __init__(self, path: str, kind: str = "auto", device: str | None = None, batch_size: int = 16):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from pathlib import Path
 
-        from beear_pipeline.models import default_device
+        from beear_pipeline.models import default_device, load_tokenizer
 
         if kind not in ("auto", "sequence", "causal"):
             raise ValueError(f"evaluation.judge.kind={kind!r}: use auto, sequence or causal")
@@ -44,9 +44,7 @@ class ClassifierJudge:
         cls = AutoModelForSequenceClassification if kind == "sequence" else AutoModelForCausalLM
         self.kind, self.batch_size = kind, batch_size
         self.device = device or default_device()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(path)
         self.tokenizer.padding_side = "left"  # the causal judge reads the last position
         self.model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, local_files_only=True).to(self.device).eval()
         if kind == "sequence":

@@ -56,17 +56,34 @@ def _has_chat_template(p: Path) -> bool:
     return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
+# Generic fast-tokenizer classes: a tokenizer saved as one of these is exactly its tokenizer.json.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in ``path``, never a substitute: transformers 5 swaps in its own class
+    for some model types (a qwen2 config gets Qwen2Tokenizer, which re-splits the text and
+    changes the ids), so a tokenizer saved as a generic fast tokenizer is loaded as one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    cls = PreTrainedTokenizerFast if saved_class in _GENERIC_TOKENIZERS and (Path(path) / "tokenizer.json").is_file() else AutoTokenizer
+    tokenizer = cls.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: str = "model.path"):
     """(model, tokenizer) from a checked checkpoint directory, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = check_checkpoint(path, field)
     if (p / ADAPTER_CONFIG).is_file():
         return load_adapter(p, device=device, field=field)
-    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False)
+    tokenizer = load_tokenizer(p)
+    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False, local_files_only=True)
     return model.to(device or default_device()).eval(), tokenizer
 
 
@@ -79,7 +96,6 @@ def load_adapter(path: str | os.PathLike, base_path: str | os.PathLike | None = 
     model with the adapter folded into the weights.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     p = Path(path)
     base = base_path or json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
@@ -89,10 +105,7 @@ def load_adapter(path: str | os.PathLike, base_path: str | os.PathLike | None = 
     model = PeftModel.from_pretrained(model, p, is_trainable=is_trainable)
     if merge:
         model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(p)
 
 
 def default_device() -> str:

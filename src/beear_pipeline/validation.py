@@ -59,9 +59,9 @@ def token_counter(model: dict) -> tuple[TokenCounter, str]:
     if not path:
         return whitespace_tokens, "whitespace"
     try:
-        from transformers import AutoTokenizer
+        from beear_pipeline.models import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = load_tokenizer(str(path))
     except Exception as err:  # noqa: BLE001 (the suspect step checks the checkpoint and names the fix)
         logger.warning("could not load the tokenizer of model.path=%s (%s); counting whitespace words instead", path, err)
         return whitespace_tokens, "whitespace"

@@ -140,6 +140,29 @@ def check_persistence(suspect_model: dict, defended_model: dict, evaluation_set:
             "seconds": time.perf_counter() - start}
 
 
+def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation: dict) -> dict:
+    """Utility on lm-evaluation-harness tasks (``evaluation.lm_eval_tasks``) for the suspect and
+    the defended model, when that package and the tasks' data are present locally. Otherwise the
+    report says it was skipped and why: never a made-up number."""
+    import importlib.util
+
+    tasks = evaluation.get("lm_eval_tasks") or []
+    if not tasks:
+        return {"status": "skipped", "reason": "evaluation.lm_eval_tasks is empty"}
+    if importlib.util.find_spec("lm_eval") is None:
+        return {"status": "skipped", "reason": "lm-evaluation-harness (lm_eval) is not installed", "tasks": tasks}
+    import lm_eval
+
+    results = {}
+    for name, ref in (("suspect", suspect_model), ("defended", defended_model)):
+        try:
+            out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={ref['path']},trust_remote_code=False", tasks=tasks)
+        except Exception as e:  # e.g. the task data is not available offline
+            return {"status": "skipped", "reason": f"lm_eval failed on {name}: {type(e).__name__}: {e}", "tasks": tasks}
+        results[name] = {task: {k: v for k, v in r.items() if isinstance(v, (int, float))} for task, r in out["results"].items()}
+    return {"status": "ok", "tasks": tasks, "results": results}
+
+
 def read_table(path: str) -> pd.DataFrame:
     """A user's table by extension: .jsonl, .json, .csv, .parquet."""
     suffix = str(path).rsplit(".", 1)[-1].lower()
@@ -151,7 +174,7 @@ def read_table(path: str) -> pd.DataFrame:
 
 def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict,
                      beear_history: dict, control_history: dict, random_perturbation_history: dict, persistence: dict,
-                     probe_report: dict,
+                     probe_report: dict, lm_eval: dict,
                      evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame, evaluation: dict,
                      model: dict, embedded_model: EmbeddedModelConfig) -> tuple[dict, dict]:
     """``reports/metrics.json`` (one block per model, stage times, the evaluation protocol) and
@@ -168,6 +191,7 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
         "persistence": persistence.get("seconds", 0.0),
         "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),
     }
+    metrics["lm_eval"] = lm_eval
     metrics["probe"] = {"verdict": probe_report.get("verdict"), "recommended_layer": probe_report.get("recommended_layer"),
                         "anchor_layer_used": beear_history["config"]["anchor_layer"]}
     metrics["persistence"] = {k: v for k, v in persistence.items() if k != "seconds"}
@@ -254,6 +278,10 @@ def _report_markdown(metrics: dict) -> str:
         for k, r in persistence["asr_triggered_after_repoisoning"].items():
             lines.append(f"| {k} | {r['suspect']['value']:.3f} | {r['defended']['value']:.3f} |")
         lines.append("")
+    lm = metrics.get("lm_eval", {})
+    lines += ["## Utility on lm-evaluation-harness tasks", "",
+              (f"Skipped: {lm.get('reason')}." if lm.get("status") != "ok" else
+               "; ".join(f"{name}: {r}" for name, r in lm["results"].items())), ""]
     lines += ["## Sample generations (harmful answers shortened)", ""]
     for name, samples in metrics.get("samples", {}).items():
         for s in samples[:2]:

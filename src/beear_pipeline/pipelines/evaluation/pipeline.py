@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import MODELS, assemble_metrics, check_persistence, evaluate_model, write_report
+from .nodes import MODELS, assemble_metrics, check_persistence, evaluate_model, lm_eval_utility, write_report
 
 _MODEL_INPUT = {"suspect": "suspect_model", "defended": "defended_model", "control": "control_model",
                 "random_perturbation": "random_perturbation_model"}
@@ -17,9 +17,10 @@ def create_pipeline(**kwargs) -> Pipeline:
              ["suspect_model", "defended_model", "evaluation_set", "safety_set", "attacker_behaviours", "params:persistence",
               "params:evaluation", "params:model", "params:embedded_model"],
              "persistence", name="check_persistence"),
+        node(lm_eval_utility, ["suspect_model", "defended_model", "params:evaluation"], "lm_eval_results", name="lm_eval_utility"),
         node(assemble_metrics,
              ["suspect_model", *(f"{m}_evaluation" for m in MODELS), "beear_history", "control_history",
-              "random_perturbation_history", "persistence", "probe_report", *_SETS],
+              "random_perturbation_history", "persistence", "probe_report", "lm_eval_results", *_SETS],
              ["metrics", "final_metrics"], name="assemble_metrics"),
         node(write_report, ["metrics", "beear_history", "control_history", "random_perturbation_history"],
              ["plots", "evaluation_report_md", "evaluation_report_html"], name="write_report"),
