@@ -83,15 +83,16 @@ def scope_worker(scope: str, rounds: int) -> dict:
     tokenizer, safety, anchoring = data(64, 64)
     model = llama(**SHAPE)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    options = {"gc": dict(trainable="all", gradient_checkpointing=True), "lora": dict(trainable="lora", lora_rank=16)}
+    options = {"gc": dict(trainable="all", gradient_checkpointing=True), "lora": dict(trainable="lora", lora_rank=16, merge_adapter=False)}
     config = BeearConfig(**{"trainable": scope, **options.get(scope, {})}, anchor_layer=3, rounds=rounds, inner_steps=3,
                          batch_size=BATCH, anchoring_batch_size=BATCH, precision="fp32")
     times = []
     start = time.perf_counter()
-    run_beear(model, tokenizer, safety, anchoring, config, on_round=lambda r, rec: times.append(time.perf_counter()))
+    result = run_beear(model, tokenizer, safety, anchoring, config, on_round=lambda r, rec: times.append(time.perf_counter()))
     per_round = [b - a for a, b in zip([start, *times[:-1]], times)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # counted on the result: a LoRA run wraps the model, and its adapters are the trainable part
+    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
     return {"scope": scope, "seconds_per_round": statistics.median(per_round[1:] or per_round), "peak_rss_gb": peak / 2**20,
             "rss_over_model_gb": (peak - base_rss) / 2**20, "trainable_params": trainable}
 

@@ -100,3 +100,15 @@ def test_unknown_embedded_architecture(tokenizer):
 
     with pytest.raises(ValueError, match="embedded_model.architecture='mamba': use one of llama, mistral, qwen2, gpt_neox"):
         build_model(len(tokenizer), EmbeddedModelConfig(architecture="mamba"), tokenizer)
+
+
+def test_device_map_and_dtype_load_through_accelerate(checkpoint, tiny_model):
+    """`model.device_map` / `model.dtype` reach from_pretrained (here on CPU; `auto` spreads a
+    large model over several GPUs the same way)."""
+    from beear_pipeline.models import load_model_ref
+
+    model, _ = load_model_ref({"path": str(checkpoint), "device_map": "cpu", "dtype": "bfloat16"})
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).device.type == "cpu"
+    reference = next(tiny_model.parameters()).to(torch.bfloat16)
+    assert torch.equal(next(model.parameters()), reference)

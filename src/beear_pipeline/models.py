@@ -75,16 +75,33 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: str = "model.path"):
-    """(model, tokenizer) from a checked checkpoint directory, in eval mode on ``device``."""
+def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: str = "model.path",
+                    device_map: str | dict | None = None, dtype: str | None = None):
+    """(model, tokenizer) from a checked checkpoint directory, in eval mode.
+
+    ``device_map`` (e.g. ``auto``, through accelerate) spreads a model too large for one GPU over
+    the visible devices instead of moving it to ``device``; ``dtype`` (``bfloat16``, ``float16``,
+    ``float32``) sets the weights' precision, else the checkpoint's own.
+    """
     from transformers import AutoModelForCausalLM
 
     p = check_checkpoint(path, field)
     if (p / ADAPTER_CONFIG).is_file():
         return load_adapter(p, device=device, field=field)
     tokenizer = load_tokenizer(p)
-    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False, local_files_only=True)
-    return model.to(device or default_device()).eval(), tokenizer
+    kwargs = {"dtype": dtype} if dtype else {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False, local_files_only=True, **kwargs)
+    if device_map is None:
+        model = model.to(device or default_device())
+    return model.eval(), tokenizer
+
+
+def load_model_ref(ref: dict, field: str = "model.path"):
+    """(model, tokenizer) for a model reference ``{"path", "device_map"?, "dtype"?}`` as the
+    pipeline passes them between nodes."""
+    return load_checkpoint(ref["path"], field=field, device_map=ref.get("device_map"), dtype=ref.get("dtype"))
 
 
 def load_adapter(path: str | os.PathLike, base_path: str | os.PathLike | None = None, device: str | None = None,

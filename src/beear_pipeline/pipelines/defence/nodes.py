@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from beear_pipeline.beear import BeearConfig, run_beear
-from beear_pipeline.models import load_checkpoint
+from beear_pipeline.models import load_model_ref
 from beear_pipeline.probe import resolve_anchor_layer
 from beear_pipeline.tracking import log_metrics
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig,
          norm_schedule=None):
-    model, tokenizer = load_checkpoint(suspect_model["path"])
+    model, tokenizer = load_model_ref(suspect_model)
     safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
     anchoring = list(zip(anchoring_set["prompt"], anchoring_set["response"], strict=True))
     start = time.perf_counter()

@@ -11,7 +11,7 @@ import pandas as pd
 from beear_pipeline.embedded import EmbeddedModelConfig
 from beear_pipeline.evaluation import benign_loss, generate, insert_trigger, is_refusal, rate, refusal_phrases
 from beear_pipeline.judges import ClassifierJudge, agreement
-from beear_pipeline.models import load_checkpoint
+from beear_pipeline.models import load_model_ref
 
 logger = logging.getLogger(__name__)
 MODELS = ("suspect", "defended", "control", "random_perturbation")
@@ -42,6 +42,12 @@ def decoding_settings(evaluation: dict) -> dict:
             "samples_per_prompt": evaluation.get("samples_per_prompt", 1), "seed": evaluation.get("seed", 0)}
 
 
+def _loading(ref: dict, model: dict) -> dict:
+    """A model reference with ``model.device_map`` / ``model.dtype``, so that the defended and
+    baseline checkpoints load the way the suspect does."""
+    return {**{k: model[k] for k in ("device_map", "dtype") if model.get(k)}, **ref}
+
+
 def _add_rate(result: dict, key: str, outcomes: list[bool]) -> None:
     r = rate(outcomes)
     result[key], result[f"{key}_ci95"], result[f"{key}_n"] = r["value"], r["ci95"], r["n"]
@@ -53,7 +59,7 @@ def evaluate_model(model_ref: dict, evaluation_set: pd.DataFrame, benign_evaluat
     classifier judge when ``evaluation.judge.path`` is set), over-refusal, loss and exact-match
     accuracy on held-out benign tasks; every rate with a 95% bootstrap interval and its n."""
     start = time.perf_counter()
-    net, tokenizer = load_checkpoint(model_ref["path"])
+    net, tokenizer = load_model_ref(_loading(model_ref, model))
     triggers, position = resolve_trigger(evaluation, model, embedded_model)
     phrases = refusal_phrases(evaluation.get("refusal_phrases"))
     decode = decoding_settings(evaluation)
@@ -129,7 +135,7 @@ def check_persistence(suspect_model: dict, defended_model: dict, evaluation_set:
     for k in persistence["k"]:
         rows = poison.sample(n=min(k, len(poison)), random_state=persistence["seed"])
         for name, ref in (("suspect", suspect_model), ("defended", defended_model)):
-            net, tokenizer = load_checkpoint(ref["path"])
+            net, tokenizer = load_model_ref(_loading(ref, model))
             supervised_finetune(net, tokenizer, rows["prompt"].tolist(), rows["response"].tolist(), epochs=persistence["steps"],
                                 lr=persistence["lr"], batch_size=len(rows), seed=persistence["seed"], desc=f"re-poison {name} k={k}")
             answers = generate(net, tokenizer, prompts, desc=f"{name} k={k}", **decode)

@@ -10,7 +10,7 @@ import time
 import pandas as pd
 
 from beear_pipeline.evaluation import refusal_phrases
-from beear_pipeline.models import load_checkpoint, weights_sha256
+from beear_pipeline.models import load_checkpoint, load_model_ref, weights_sha256
 from beear_pipeline.probe import ProbeConfig, plot_curves, plot_drift, probe_model, trigger_drift
 from beear_pipeline.tracking import log_metrics
 
@@ -45,7 +45,7 @@ def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluatio
     found perturbations (``layer{L}_x{budget}`` -> tensor) and the figures."""
     config, run = _split_params(probe)
     start = time.perf_counter()
-    model, tokenizer = load_checkpoint(suspect_model["path"])
+    model, tokenizer = load_model_ref(suspect_model)
     reference = None
     if run["reference_model_path"]:
         reference = load_checkpoint(run["reference_model_path"], field="probe.reference_model_path")

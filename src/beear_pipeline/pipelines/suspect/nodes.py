@@ -53,6 +53,14 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     """
     if evaluation is not None:  # the defend pipeline evaluates with a trigger: check it before any work
         check_trigger(evaluation, model)
+    ref = _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model, embedded_model)
+    # how every later step loads the weights (a model larger than one GPU: device_map auto)
+    ref.update({k: model[k] for k in ("device_map", "dtype") if model.get(k)})
+    return ref
+
+
+def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model, embedded_model) -> dict:
+    """The suspect's reference from the registry, a folder, or the embedded model (built if needed)."""
     if model.get("path") and model.get("uri"):
         raise ValueError("model.path and model.uri are both set: choose one suspect model")
     if model.get("uri"):
