@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
     """A model directory that cannot be used, with the fix in the message."""
 
 
-def check_checkpoint(path: str | os.PathLike, field: str = "model.path") -> Path:
+def check_checkpoint(path: str | os.PathLike, field: str = "model.path", chat_template: str | None = None) -> Path:
     """Fail fast, before any training, on a directory that is not a usable checkpoint."""
     p = Path(path).expanduser()
     if not p.is_dir() or not os.access(p, os.R_OK | os.X_OK):
@@ -41,10 +41,11 @@ def check_checkpoint(path: str | os.PathLike, field: str = "model.path") -> Path
         raise CheckpointError(f"{field}={path}: no safetensors weights.{hint} Convert with model.save_pretrained(DIR, safe_serialization=True).")
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{field}={path}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json). Save it beside the weights with tokenizer.save_pretrained(DIR).")
-    if not _has_chat_template(p):
+    if chat_template is None and not _has_chat_template(p):
         raise CheckpointError(
             f"{field}={path}: the tokenizer has no chat template, so prompts cannot be formatted as the model expects. "
-            "Add one (tokenizer.chat_template = '...'; tokenizer.save_pretrained(DIR)) or use the chat model's own tokenizer."
+            "Name one with --params model.chat_template=llama2 (or mistral, user_assistant, or a Jinja template), "
+            "or add one (tokenizer.chat_template = '...'; tokenizer.save_pretrained(DIR))."
         )
     return p
 
@@ -60,7 +61,7 @@ def _has_chat_template(p: Path) -> bool:
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None):
     """The tokenizer saved in ``path``, never a substitute: transformers 5 swaps in its own class
     for some model types (a qwen2 config gets Qwen2Tokenizer, which re-splits the text and
     changes the ids), so a tokenizer saved as a generic fast tokenizer is loaded as one."""
@@ -72,11 +73,15 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer = cls.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:  # model.chat_template: a named or given template replaces the tokenizer's own
+        from beear_pipeline.templates import chat_template as resolve_template
+
+        tokenizer.chat_template = resolve_template(chat_template)
     return tokenizer
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: str = "model.path",
-                    device_map: str | dict | None = None, dtype: str | None = None):
+                    device_map: str | dict | None = None, dtype: str | None = None, chat_template: str | None = None):
     """(model, tokenizer) from a checked checkpoint directory, in eval mode.
 
     ``device_map`` (e.g. ``auto``, through accelerate) spreads a model too large for one GPU over
@@ -85,10 +90,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: s
     """
     from transformers import AutoModelForCausalLM
 
-    p = check_checkpoint(path, field)
+    p = check_checkpoint(path, field, chat_template)
     if (p / ADAPTER_CONFIG).is_file():
         return load_adapter(p, device=device, field=field)
-    tokenizer = load_tokenizer(p)
+    tokenizer = load_tokenizer(p, chat_template)
     kwargs = {"dtype": dtype} if dtype else {}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -99,9 +104,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: s
 
 
 def load_model_ref(ref: dict, field: str = "model.path"):
-    """(model, tokenizer) for a model reference ``{"path", "device_map"?, "dtype"?}`` as the
-    pipeline passes them between nodes."""
-    return load_checkpoint(ref["path"], field=field, device_map=ref.get("device_map"), dtype=ref.get("dtype"))
+    """(model, tokenizer) for a model reference ``{"path", "device_map"?, "dtype"?, "chat_template"?}``
+    as the pipeline passes them between nodes."""
+    return load_checkpoint(ref["path"], field=field, device_map=ref.get("device_map"), dtype=ref.get("dtype"),
+                           chat_template=ref.get("chat_template"))
 
 
 def load_adapter(path: str | os.PathLike, base_path: str | os.PathLike | None = None, device: str | None = None,

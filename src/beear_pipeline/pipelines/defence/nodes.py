@@ -26,6 +26,7 @@ def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFr
     anchoring = list(zip(anchoring_set["prompt"], anchoring_set["response"], strict=True))
     start = time.perf_counter()
     result = run_beear(model, tokenizer, safety, anchoring, config, norm_schedule=norm_schedule,
+                       system_prompt=suspect_model.get("system_prompt"),
                        on_round=lambda r, rec: log_metrics({f"{config.defence}.{k}": v for k, v in rec.items() if k != "round"}, step=r))
     seconds = time.perf_counter() - start
     last = result.history[-1]

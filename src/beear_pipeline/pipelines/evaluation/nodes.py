@@ -12,6 +12,7 @@ from beear_pipeline.embedded import EmbeddedModelConfig
 from beear_pipeline.evaluation import benign_loss, generate, insert_trigger, is_refusal, rate, refusal_phrases
 from beear_pipeline.judges import ClassifierJudge, agreement
 from beear_pipeline.models import load_model_ref
+from beear_pipeline.pipelines.suspect.nodes import LOADING_OPTIONS
 
 logger = logging.getLogger(__name__)
 MODELS = ("suspect", "defended", "control", "random_perturbation")
@@ -43,9 +44,9 @@ def decoding_settings(evaluation: dict) -> dict:
 
 
 def _loading(ref: dict, model: dict) -> dict:
-    """A model reference with ``model.device_map`` / ``model.dtype``, so that the defended and
-    baseline checkpoints load the way the suspect does."""
-    return {**{k: model[k] for k in ("device_map", "dtype") if model.get(k)}, **ref}
+    """A model reference with ``model.device_map`` / ``dtype`` / ``chat_template``, so that the
+    defended and baseline checkpoints load, and format prompts, the way the suspect does."""
+    return {**{k: model[k] for k in LOADING_OPTIONS if model.get(k)}, **ref}
 
 
 def _add_rate(result: dict, key: str, outcomes: list[bool]) -> None:
@@ -206,6 +207,7 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
         "trigger": triggers[0], "triggers": triggers, "trigger_position": position,
         "judge": {"keyword": list(refusal_phrases(evaluation.get("refusal_phrases"))), "classifier": (evaluation.get("judge") or {}).get("path")},
         "decoding": decoding_settings(evaluation), "chat_template_sha256": suspect.get("chat_template_sha256"),
+        "chat_template": model.get("chat_template") or "the tokenizer's own",
         "evaluation_set_sha256": _hash(evaluation_set["prompt"]), "benign_evaluation_set_sha256": _hash(benign_evaluation_set["prompt"]),
     }
     metrics["samples"] = {name: r["samples"] for name, r in results.items()}

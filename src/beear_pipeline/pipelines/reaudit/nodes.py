@@ -65,7 +65,8 @@ def reaudit_versions(selected: list[dict], evaluation_set: pd.DataFrame, benign_
         name, version = entry["name"], entry["version"]
         uri = f"models:/{name}/{version}"
         try:
-            path = check_checkpoint(registry.version_path(registry.get_version(uri)), field=uri)
+            path = check_checkpoint(registry.version_path(registry.get_version(uri)), field=uri,
+                                    chat_template=model.get("chat_template"))
             metrics = evaluate_model({"path": str(path)}, evaluation_set, benign_evaluation_set, evaluation, model, embedded_model)
             verdict = registry.verdict(metrics["asr_triggered"], reaudit["asr_threshold"])
             tags = {"audit.asr_triggered": metrics["asr_triggered"], "audit.asr_untriggered": metrics["asr_untriggered"],

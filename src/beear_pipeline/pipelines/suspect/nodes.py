@@ -16,6 +16,8 @@ from beear_pipeline.registry import resolve_model_uri
 
 logger = logging.getLogger(__name__)
 BUILD_INFO = "build_info.json"
+# how every step loads the suspect's (and the defended) weights and formats prompts
+LOADING_OPTIONS = ("device_map", "dtype", "chat_template")
 
 
 def check_trigger(evaluation: dict, model: dict) -> None:
@@ -55,7 +57,11 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
         check_trigger(evaluation, model)
     ref = _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model, embedded_model)
     # how every later step loads the weights (a model larger than one GPU: device_map auto)
-    ref.update({k: model[k] for k in ("device_map", "dtype") if model.get(k)})
+    ref.update({k: model[k] for k in LOADING_OPTIONS if model.get(k)})
+    # recorded with the suspect, and used by the defence as by the evaluation
+    ref["chat_template_name"] = model.get("chat_template") or "tokenizer"
+    if evaluation is not None and evaluation.get("system_prompt"):
+        ref["system_prompt"] = evaluation["system_prompt"]
     return ref
 
 
@@ -65,10 +71,10 @@ def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_
         raise ValueError("model.path and model.uri are both set: choose one suspect model")
     if model.get("uri"):
         ref = resolve_model_uri(model["uri"])
-        path = check_checkpoint(ref["path"], field="model.uri")
+        path = check_checkpoint(ref["path"], field="model.uri", chat_template=model.get("chat_template"))
         return {**ref, "source": "registry", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
     if model.get("path"):
-        path = check_checkpoint(model["path"])
+        path = check_checkpoint(model["path"], chat_template=model.get("chat_template"))
         return {"path": str(path), "source": "path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
 
     config = EmbeddedModelConfig.coerce(embedded_model)
