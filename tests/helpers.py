@@ -28,3 +28,16 @@ def layer_inputs(model, batch):
         for h in handles:
             h.remove()
     return seen
+
+
+def strip_chat_template(path):
+    """Remove the chat template from a saved checkpoint's tokenizer, wherever it was written."""
+    import json
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (path / name).exists():
+            (path / name).unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

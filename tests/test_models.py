@@ -1,10 +1,10 @@
-import json
 import os
 
 import pytest
 import torch
 
 from beear_pipeline.models import CheckpointError, check_checkpoint, load_checkpoint, save_checkpoint, weights_sha256
+from helpers import strip_chat_template
 
 
 @pytest.fixture
@@ -54,12 +54,7 @@ def test_missing_tokenizer(checkpoint):
 
 
 def test_missing_chat_template(checkpoint):
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (checkpoint / name).exists():
-            (checkpoint / name).unlink()
-    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    strip_chat_template(checkpoint)
     with pytest.raises(CheckpointError, match="has no chat template"):
         check_checkpoint(checkpoint)
 

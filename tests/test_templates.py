@@ -1,6 +1,5 @@
 """Named chat templates for checkpoints whose tokenizer has none (model.chat_template)."""
 
-import json
 
 import pytest
 
@@ -8,19 +7,13 @@ from beear_pipeline.chat import encode, prompt_ids
 from beear_pipeline.models import CheckpointError, check_checkpoint, load_checkpoint, save_checkpoint
 from beear_pipeline.pipelines.suspect.nodes import resolve_suspect_model
 from beear_pipeline.templates import TEMPLATES, chat_template
+from helpers import strip_chat_template
 
 
 @pytest.fixture
 def no_template(tmp_path, tiny_model, tokenizer):
     """A real checkpoint whose tokenizer has no chat template."""
-    path = save_checkpoint(tiny_model, tokenizer, tmp_path / "plain")
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (path / name).exists():
-            (path / name).unlink()
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
+    return strip_chat_template(save_checkpoint(tiny_model, tokenizer, tmp_path / "plain"))
 
 
 @pytest.mark.parametrize("name,expected", [
