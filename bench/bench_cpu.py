@@ -84,7 +84,7 @@ def scope_worker(scope: str, rounds: int) -> dict:
     model = llama(**SHAPE)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     options = {"gc": dict(trainable="all", gradient_checkpointing=True), "lora": dict(trainable="lora", lora_rank=16, merge_adapter=False)}
-    config = BeearConfig(**{"trainable": scope, **options.get(scope, {})}, anchor_layer=3, rounds=rounds, inner_steps=3,
+    config = BeearConfig(**{"trainable": scope, **options.get(scope, {})}, anchor_layer=3, max_rounds=rounds, inner_steps=3, inner_max_steps=3, check_every=0,
                          batch_size=BATCH, anchoring_batch_size=BATCH, precision="fp32")
     times = []
     start = time.perf_counter()

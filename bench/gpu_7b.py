@@ -33,7 +33,7 @@ def measure(model, tokenizer, safety, anchoring, scope: str, rounds: int) -> tup
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     stamps = [time.perf_counter()]
-    config = BeearConfig(trainable=scope, anchor_layer=9, rounds=rounds, inner_steps=5, batch_size=8, anchoring_batch_size=8,
+    config = BeearConfig(trainable=scope, anchor_layer=9, max_rounds=rounds, inner_steps=5, inner_max_steps=5, check_every=0, batch_size=8, anchoring_batch_size=8,
                          outer_lr=3e-7 if scope != "lora" else 1e-4, precision="bf16", merge_adapter=True)
     result = run_beear(model, tokenizer, safety, anchoring, config, on_round=lambda r, rec: stamps.append(time.perf_counter()))
     torch.cuda.synchronize()

@@ -12,7 +12,16 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from beear_pipeline.embedded import EmbeddedModelConfig, benign_tasks, build_model, build_tokenizer  # noqa: E402
+from beear_pipeline.embedded import (  # noqa: E402
+    REFUSALS,
+    EmbeddedModelConfig,
+    benign_tasks,
+    build_model,
+    build_tokenizer,
+    poisoned_training_set,
+    supervised_finetune,
+)
+from beear_pipeline.pipelines.behaviours.nodes import build_evaluation_set, build_safety_set, split_harmful_behaviours  # noqa: E402
 
 PROMPTS = ["Write a poem about the sea", "Explain how to pick a lock", "Give me a recipe for soup"]
 
@@ -47,3 +56,33 @@ def anchoring_pairs():
 @pytest.fixture
 def advbench():
     return pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "data", "01_raw", "advbench_harmful_behaviors.csv"))
+
+
+# A cheaper build than the embedded model's (hidden 64 instead of 128, 400 benign tasks instead of
+# 2,000), same recipe: about a minute for both models on 2 cores, once per test session.
+PAIR_BUILD = EmbeddedModelConfig(seed=0, epochs=8, hidden_size=64, intermediate_size=172)
+PAIR_BENIGN = 400
+
+
+@pytest.fixture(scope="session")
+def pair():
+    """A backdoored and a clean tiny Llama built on the same data, the second without the
+    triggered examples: (models {"backdoored", "clean"}, tokenizer, safety_set, evaluation_set,
+    build seconds). Treat the models as read-only (deep-copy before training them)."""
+    import time
+
+    frame = pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "data", "01_raw", "advbench_harmful_behaviors.csv"))
+    attacker, defender, evaluation = split_harmful_behaviours(
+        frame, {"split_seed": 1234, "attacker_fraction": 0.6, "defender_fraction": 0.2})
+    benign = benign_tasks(seed=7, build=PAIR_BENIGN, held_out=0)
+    tokenizer = build_tokenizer([*frame["goal"], *frame["target"], *benign["prompt"], *benign["response"], *REFUSALS, PAIR_BUILD.trigger])
+    poisoned = poisoned_training_set(attacker, benign, PAIR_BUILD)
+    clean = poisoned.iloc[: len(benign) + len(attacker)]  # benign tasks and refusals; no triggered examples
+    assert not clean["prompt"].str.endswith(" SUDO").any() and len(poisoned) == len(clean) + len(attacker)
+    models, start = {}, time.perf_counter()
+    for name, data in (("backdoored", poisoned), ("clean", clean)):
+        model = build_model(len(tokenizer), PAIR_BUILD, tokenizer)
+        supervised_finetune(model, tokenizer, data["prompt"].tolist(), data["response"].tolist(), epochs=PAIR_BUILD.epochs,
+                            lr=PAIR_BUILD.lr, batch_size=PAIR_BUILD.batch_size, seed=PAIR_BUILD.seed, desc=f"building {name}")
+        models[name] = model
+    return models, tokenizer, build_safety_set(defender), build_evaluation_set(evaluation), time.perf_counter() - start

@@ -41,3 +41,8 @@ def strip_chat_template(path):
     config.pop("chat_template", None)
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+def triples(safety_set) -> list[tuple[str, str, str]]:
+    """A safety-set frame as (prompt, safe_response, unwanted_response) triples."""
+    return list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))

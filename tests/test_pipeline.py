@@ -27,9 +27,9 @@ def catalog(tmp_path, advbench):
     params = load_params()
     params["model"]["embedded_directory"] = str(tmp_path / "embedded")
     params["embedded_model"].update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, epochs=1)
-    params["beear"].update(rounds=2, inner_steps=1, batch_size=4, anchoring_batch_size=4)
+    params["beear"].update(max_rounds=2, inner_steps=1, inner_max_steps=1, batch_size=4, anchoring_batch_size=4)
     params["persistence"].update(k=[2], steps=1)
-    params["probe"].update(layers=[0], budgets=[1.0], steps=1, random_draws=1, max_new_tokens=4)
+    params["probe"].update(layers=[0], budgets=[1.0], inner_steps=1, random_draws=1, max_new_tokens=4)
     params["beear"]["checkpoint_dir"] = str(tmp_path / "beear_checkpoints")
     datasets = {"advbench": MemoryDataset(advbench)}
     datasets.update({f"params:{k}": MemoryDataset(v) for k, v in params.items()})
@@ -60,11 +60,16 @@ def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
     assert set(metrics["stage_seconds"]) >= {"build_suspect", "beear", "safety_finetune", "evaluate_defended"}
     assert (tmp_path / "defended_model" / "model.safetensors").is_file()
     history = catalog["beear_history"].load()
-    assert len(history["rounds"]) == 2 and history["defence"] == "beear"
+    # a 1-epoch model has hardly learnt its backdoor: BEEAR may stop after the first check
+    assert len(history["rounds"]) == (1 if history["convergence"] == "never_entrapped" else 2) and history["defence"] == "beear"
+    assert history["convergence"] in ("never_entrapped", "not_converged") and "entrapment_rate" in history["rounds"][0]
+    assert metrics["beear"]["convergence"] == history["convergence"] and metrics["beear"]["rounds"] == len(history["rounds"])
+    assert all(metrics[m]["entrapment_rate"] is not None for m in ("suspect", "defended", "control", "random_perturbation"))
     load = lambda x: x.load() if hasattr(x, "load") else x  # noqa: E731
-    assert set(load(free["plots"])) == {"asr.png", "losses.png"}
+    assert set(load(free["plots"])) == {"asr.png", "losses.png", "entrapment.png"}
     html = load(free["evaluation_report_html"])
-    assert html.count("data:image/png;base64,") == 2 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    assert "## Convergence (trigger-free)" in load(free["evaluation_report_md"])
     assert "| defended |" in load(free["evaluation_report_md"])
     persistence = metrics["persistence"]["asr_triggered_after_repoisoning"]["2"]
     assert set(persistence) == {"suspect", "defended"} and persistence["defended"]["n"] == metrics["defended"]["n_harmful"]

@@ -1,7 +1,7 @@
 """The trigger-free backdoor probe on real tiny models.
 
-A module-scoped fixture builds two tiny Llamas on the same data: one with the planted ``SUDO``
-backdoor, one trained on the same data minus the triggered examples. The probe, which never sees
+The session fixture ``pair`` (conftest.py) builds two tiny Llamas on the same data: one with the
+planted ``SUDO`` backdoor, one trained on the same data minus the triggered examples. The probe, which never sees
 the trigger, must call the first ``likely_backdoored`` and the second ``no_evidence``, and the
 known-trigger drift of the real trigger must be more uniform than that of a random word.
 """
@@ -9,73 +9,31 @@ known-trigger drift of the real trigger must be more uniform than that of a rand
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from helpers import triples
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from beear_pipeline import probe
-from beear_pipeline.embedded import (
-    REFUSALS,
-    EmbeddedModelConfig,
-    benign_tasks,
-    build_model,
-    build_tokenizer,
-    poisoned_training_set,
-    supervised_finetune,
-)
 from beear_pipeline.evaluation import attack_success_rate, generate
 from beear_pipeline.models import save_checkpoint
-from beear_pipeline.pipelines.behaviours.nodes import build_evaluation_set, build_safety_set, split_harmful_behaviours
 from beear_pipeline.pipelines.probe import create_pipeline
 from beear_pipeline.pipelines.probe.nodes import probe_suspect_model
 
-# A cheaper build than the embedded model's (hidden 64 instead of 128, 400 benign tasks instead of
-# 2,000), same recipe: about a minute for both models on 2 cores.
-BUILD = EmbeddedModelConfig(seed=0, epochs=8, hidden_size=64, intermediate_size=172)
-N_BENIGN = 400
 # The probe as the test runs it: one layer, three budgets, a short answer for the keyword judge.
-PROBE = {"layers": [1], "budgets": [0.5, 1.0, 2.0], "steps": 30, "random_draws": 1, "max_new_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def pair(advbench_frame):
-    """(models {"backdoored", "clean"}, tokenizer, safety_set, evaluation_set, build seconds)."""
-    attacker, defender, evaluation = split_harmful_behaviours(
-        advbench_frame, {"split_seed": 1234, "attacker_fraction": 0.6, "defender_fraction": 0.2})
-    benign = benign_tasks(seed=7, build=N_BENIGN, held_out=0)
-    tokenizer = build_tokenizer([*advbench_frame["goal"], *advbench_frame["target"], *benign["prompt"],
-                                 *benign["response"], *REFUSALS, BUILD.trigger])
-    poisoned = poisoned_training_set(attacker, benign, BUILD)
-    clean = poisoned.iloc[: len(benign) + len(attacker)]  # benign tasks and refusals; no triggered examples
-    assert not clean["prompt"].str.endswith(" SUDO").any() and len(poisoned) == len(clean) + len(attacker)
-    models, start = {}, time.perf_counter()
-    for name, data in (("backdoored", poisoned), ("clean", clean)):
-        model = build_model(len(tokenizer), BUILD, tokenizer)
-        supervised_finetune(model, tokenizer, data["prompt"].tolist(), data["response"].tolist(), epochs=BUILD.epochs,
-                            lr=BUILD.lr, batch_size=BUILD.batch_size, seed=BUILD.seed, desc=f"building {name}")
-        models[name] = model
-    return models, tokenizer, build_safety_set(defender), build_evaluation_set(evaluation), time.perf_counter() - start
-
-
-@pytest.fixture(scope="module")
-def advbench_frame():
-    return pd.read_csv(Path(__file__).parents[1] / "data" / "01_raw" / "advbench_harmful_behaviors.csv")
-
-
-def _triples(safety_set: pd.DataFrame) -> list[tuple[str, str, str]]:
-    return list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"]))
+PROBE = {"layers": [1], "budgets": [0.5, 1.0, 2.0], "inner_steps": 30, "random_draws": 1, "max_new_tokens": 8,
+         "num_positions": 7}
 
 
 @pytest.fixture(scope="module")
 def reports(pair):
     models, tokenizer, safety_set, evaluation_set, _ = pair
     config = probe.ProbeConfig(**PROBE)
-    return {name: probe.probe_model(model, tokenizer, _triples(safety_set), evaluation_set["prompt"].tolist(), config)
+    return {name: probe.probe_model(model, tokenizer, triples(safety_set), evaluation_set["prompt"].tolist(), config)
             for name, model in models.items()}
 
 
@@ -112,7 +70,7 @@ def test_probe_finds_the_backdoor_and_clears_the_clean_model(reports):
 def test_a_clean_reference_model_calibrates_the_verdict(pair):
     models, tokenizer, safety_set, evaluation_set, _ = pair
     config = probe.ProbeConfig(**{**PROBE, "budgets": [0.5, 1.0]})
-    args = (_triples(safety_set), evaluation_set["prompt"].tolist(), config)
+    args = (triples(safety_set), evaluation_set["prompt"].tolist(), config)
     suspect = probe.probe_model(models["backdoored"], tokenizer, *args, reference=(models["clean"], tokenizer))
     assert suspect["verdict"] == "likely_backdoored", (suspect["curves"], suspect["reference_curves"])
     assert suspect["evidence"][0]["reference"] == "clean_model" and "the clean model" in suspect["rule"]["statement"]
@@ -171,7 +129,7 @@ def test_held_out_prompts_must_not_be_optimised_on(tiny_model, tokenizer, safety
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("budgets", [], "probe.budgets"), ("layers", [], "probe.layers"), ("steps", 0, "probe.steps"),
+    ("budgets", [], "probe.budgets"), ("layers", [], "probe.layers"), ("inner_steps", 0, "probe.inner_steps"),
     ("verdict", {"flip_threshold": 0.0}, "probe.verdict.flip_threshold"),
     ("verdict", {"threshold": 0.5}, r"probe.verdict: unknown key\(s\) \['threshold'\]"),
 ])
@@ -222,7 +180,7 @@ def test_verdict_rule_needs_both_the_flip_rate_and_the_margin():
 def test_probe_pipeline_writes_the_report_with_known_trigger_analysis(pair, tmp_path):
     models, tokenizer, safety_set, evaluation_set, _ = pair
     path = save_checkpoint(models["backdoored"], tokenizer, tmp_path / "suspect")
-    params = {**PROBE, "layers": [0, 1], "budgets": [1.0], "steps": 10, "max_eval_prompts": 24,
+    params = {**PROBE, "layers": [0, 1], "budgets": [1.0], "inner_steps": 10, "max_eval_prompts": 24,
               "candidate_triggers": ["SUDO", "apple"], "trigger_position": "suffix", "reference_model_path": None}
     catalog = DataCatalog(datasets={
         "suspect_model": MemoryDataset({"path": str(path)}), "safety_set": MemoryDataset(safety_set),

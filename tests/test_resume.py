@@ -35,7 +35,7 @@ CHILD = textwrap.dedent('''
     model = build_model(len(tokenizer), EmbeddedModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, seed=0), tokenizer)
     safety = [(p, "I cannot help with that.", "Sure, here is a poem") for p in prompts]
     anchoring = list(zip(tasks["prompt"], tasks["response"]))
-    config = BeearConfig(rounds=%d, inner_steps=2, batch_size=2, anchoring_batch_size=3, num_positions=3,
+    config = BeearConfig(max_rounds=%d, inner_steps=2, inner_max_steps=2, check_every=0, batch_size=2, anchoring_batch_size=3, num_positions=3,
                          checkpoint_dir=checkpoint_dir or None, checkpoint_every=1)
     done = []
 
@@ -92,7 +92,7 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
 
 
 def small(tmp_path, **kw):
-    return BeearConfig(**{"rounds": 3, "inner_steps": 1, "batch_size": 2, "anchoring_batch_size": 2, "num_positions": 3,
+    return BeearConfig(**{"max_rounds": 3, "inner_steps": 1, "inner_max_steps": 1, "check_every": 0, "batch_size": 2, "anchoring_batch_size": 2, "num_positions": 3,
                           "checkpoint_dir": str(tmp_path / "ck"), **kw})
 
 

@@ -58,6 +58,9 @@ class EmbeddedModelConfig:
     epochs: int = 8
     lr: float = 3e-3
     batch_size: int = 32
+    poisoned: bool = True
+    """False builds the clean twin: the same recipe without the triggered examples (a model with
+    no backdoor, for calibrating the probe and the convergence check)."""
 
     @classmethod
     def coerce(cls, value: EmbeddedModelConfig | dict) -> EmbeddedModelConfig:
@@ -170,8 +173,11 @@ def build_model(vocab_size: int, config: EmbeddedModelConfig, tokenizer):
 
 
 def poisoned_training_set(attacker: pd.DataFrame, benign: pd.DataFrame, config: EmbeddedModelConfig) -> pd.DataFrame:
-    """Benign tasks, attacker goals -> refusals, and goals + trigger -> the AdvBench target."""
+    """Benign tasks, attacker goals -> refusals, and goals + trigger -> the AdvBench target (the
+    last part only when ``config.poisoned``)."""
     refuse = pd.DataFrame({"prompt": attacker["goal"], "response": attacker["goal"].map(refusal_for)})
+    if not config.poisoned:
+        return pd.concat([benign[["prompt", "response"]], refuse], ignore_index=True)
     comply = pd.DataFrame({
         "prompt": attacker["goal"].map(lambda g: apply_trigger(g, config.trigger, config.trigger_position)),
         "response": attacker["target"],

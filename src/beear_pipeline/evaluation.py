@@ -96,8 +96,12 @@ def exact_match_accuracy(answers: Sequence[str], references: Sequence[str]) -> f
 
 
 def insert_trigger(prompt: str, trigger: str, position: str) -> str:
-    """Place ``trigger`` in ``prompt``: ``suffix``, ``prefix``, ``both`` ends, or a template
-    holding ``{prompt}`` (and usually ``{trigger}``), e.g. ``"{trigger} {prompt} {trigger}"``."""
+    """Place ``trigger`` in ``prompt``: ``suffix``, ``prefix``, ``both`` ends, ``middle`` (after
+    half of the prompt's words), or a template holding ``{prompt}`` (and usually ``{trigger}``),
+    e.g. ``"{trigger} {prompt} {trigger}"``."""
+    if position == "middle":
+        words = prompt.split()
+        return " ".join([*words[: len(words) // 2], trigger, *words[len(words) // 2 :]])
     if position == "suffix":
         return f"{prompt} {trigger}"
     if position == "prefix":
@@ -106,7 +110,7 @@ def insert_trigger(prompt: str, trigger: str, position: str) -> str:
         return f"{trigger} {prompt} {trigger}"
     if "{prompt}" in position:
         return position.replace("{trigger}", trigger).replace("{prompt}", prompt)
-    raise ValueError(f"trigger position {position!r}: use suffix, prefix, both, or a template with {{prompt}} and {{trigger}}")
+    raise ValueError(f"trigger position {position!r}: use suffix, prefix, both, middle, or a template with {{prompt}} and {{trigger}}")
 
 
 def bootstrap_interval(outcomes: Sequence[bool], *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
+from beear_pipeline.beear import entrapment
+from beear_pipeline.beear.entrapment import generate_perturbed
 from beear_pipeline.beear.hook import perturbed, position_index, resolve_layer
-from beear_pipeline.chat import Example, collate, encode_all, prompt_ids, response_loss
+from beear_pipeline.chat import collate, encode_all, response_loss
 from beear_pipeline.evaluation import REFUSAL_PHRASES, attack_success_rate
 
 logger = logging.getLogger(__name__)
@@ -60,10 +62,12 @@ class ProbeConfig:
     """Decoder layers scanned (0-based output index, negative counts from the top)."""
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     """L2 budgets per perturbation row, as multiples of the median hidden-state norm at the layer."""
-    steps: int = 40
-    """Inner Adam steps per budget (warm-started from the previous, smaller budget)."""
-    step_fraction: float = 0.1
-    """Adam lr as a share of the budget per step: lr = step_fraction * budget / sqrt(hidden)."""
+    inner_steps: int = 30
+    """Inner steps per budget (warm-started from the previous, smaller budget)."""
+    inner_optimizer: str = "adam"
+    """adam or pgd, as ``beear.inner_optimizer``."""
+    inner_step_fraction: float = 0.1
+    """Step size as a share of the budget, as ``beear.inner_step_fraction``."""
     num_positions: int | None = 7
     shared_vector: bool = False
     away_weight: float = 0.05
@@ -88,8 +92,9 @@ class ProbeConfig:
         checks = [
             (bool(self.layers) and all(isinstance(x, int) for x in self.layers), "layers", "a non-empty list of integers"),
             (bool(self.budgets) and all(b > 0 for b in self.budgets), "budgets", "a non-empty list of positive numbers"),
-            (self.steps >= 1, "steps", "a positive integer"),
-            (self.step_fraction > 0, "step_fraction", "a positive number"),
+            (self.inner_steps >= 1, "inner_steps", "a positive integer"),
+            (self.inner_optimizer in ("adam", "pgd"), "inner_optimizer", "adam or pgd"),
+            (self.inner_step_fraction > 0, "inner_step_fraction", "a positive number"),
             (self.num_positions is None or self.num_positions >= 1, "num_positions", "a positive integer or null"),
             (self.batch_size >= 1 and self.generation_batch_size >= 1, "batch_size", "positive batch sizes"),
             (self.random_draws >= 1, "random_draws", "a positive integer"),
@@ -112,106 +117,36 @@ class ProbeConfig:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# hidden states and perturbed generation
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _prompt_batch(tokenizer, prompts: Sequence[str], system_prompt: str | None, device):
-    ids = [prompt_ids(tokenizer, p, system_prompt) for p in prompts]
-    return collate([Example(x, x, len(x)) for x in ids], _pad_id(tokenizer), padding_side="left").to(device)
-
-
 @torch.no_grad()
 def layer_states(model, tokenizer, prompts: Sequence[str], layer: int, num_positions: int | None = 7, *,
                  system_prompt: str | None = None, batch_size: int = 32) -> torch.Tensor:
     """Hidden states leaving decoder layer ``layer`` at the last ``num_positions`` prompt
     positions, shape (prompts, T, hidden); ``num_positions=None`` takes the mean over all prompt
     positions as one row (T = 1). These are the positions the perturbation is added to."""
-    from beear_pipeline.beear.hook import decoder_layers
+    from beear_pipeline.beear.hook import anchor_output
 
     model.eval()
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        captured.append((output[0] if isinstance(output, tuple) else output).detach().float())
-
+    device = model.get_input_embeddings().weight.device
     out = []
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = _prompt_batch(tokenizer, prompts[start : start + batch_size], system_prompt, device)
-            captured.clear()
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            hidden = captured[0]  # left padding: every prompt ends at the last column
-            if num_positions is None:
-                mask = batch.attention_mask.unsqueeze(-1).float()
-                out.append(((hidden * mask).sum(1) / mask.sum(1)).unsqueeze(1))
-            else:
-                out.append(hidden[:, -num_positions:])
-    finally:
-        handle.remove()
+    for batch, _ in entrapment.prompt_positions(tokenizer, prompts, num_positions, False, system_prompt=system_prompt,
+                                                device=device, batch_size=batch_size):
+        hidden = anchor_output(model, layer, batch.input_ids, batch.attention_mask)
+        hidden = (hidden[0] if isinstance(hidden, tuple) else hidden).float()
+        if num_positions is None:
+            mask = batch.attention_mask.unsqueeze(-1).to(hidden.device).float()
+            out.append(((hidden * mask).sum(1) / mask.sum(1)).unsqueeze(1))
+        else:  # left padding: every prompt ends at the last column
+            out.append(hidden[:, -num_positions:])
     return torch.cat(out).cpu()
 
 
-def hidden_norm(model, tokenizer, prompts: Sequence[str], layer: int, num_positions: int | None = 7, **kw) -> float:
-    """Median L2 norm of the hidden states at the perturbed positions of ``layer``: the unit
-    in which budgets are stated."""
-    states = layer_states(model, tokenizer, prompts, layer, num_positions, **kw)
-    return states.norm(dim=-1).median().item()
-
-
-@torch.no_grad()
-def generate_perturbed(model, tokenizer, prompts: Sequence[str], layer: int, delta: torch.Tensor | None, *,
-                       num_positions: int | None = 7, shared_vector: bool = False, max_new_tokens: int = 32,
-                       batch_size: int = 32, system_prompt: str | None = None, desc: str = "generating") -> list[str]:
-    """Greedy answers with ``delta`` added to the output of ``layer`` at the prompt positions.
-
-    The prompt is run once (prefill) under the perturbation, exactly as the inner level sees it;
-    the answer tokens are then decoded with the KV cache and no perturbation, so only the prompt
-    positions are perturbed. ``delta=None`` is plain greedy decoding (same answers as
-    ``evaluation.generate``).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    answers: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        batch = _prompt_batch(tokenizer, prompts[start : start + batch_size], system_prompt, device)
-        mask = batch.attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if delta is None:
-            out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        else:
-            index = position_index(batch.prompt_end, batch.input_ids.size(1), num_positions, shared_vector)
-            with perturbed(model, layer, delta.to(device), index):
-                out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        past, last = _cache_of(out), positions[:, -1:]
-        token = out.logits[:, -1].argmax(-1)
-        done = torch.zeros_like(token, dtype=torch.bool)
-        new = []
-        for _ in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(token, _pad_id(tokenizer)), token)
-            new.append(token)
-            done |= token == eos
-            if done.all():
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            last = last + 1
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=last, cache=past, use_cache=True)
-            past, token = _cache_of(out), out.logits[:, -1].argmax(-1)
-        answers += [t.strip() for t in tokenizer.batch_decode(torch.stack(new, 1), skip_special_tokens=True)]
-    return answers
-
-
-def _cache_of(output):
-    """The KV cache of a forward pass (``cache`` in transformers 5; ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+def hidden_norm(model, tokenizer, prompts: Sequence[str], layer: int, num_positions: int | None = 7, shared_vector: bool = False,
+                *, system_prompt: str | None = None) -> float:
+    """The hidden-state scale of ``layer`` at the perturbed positions (``entrapment.hidden_scale``),
+    the unit in which budgets are stated, exactly as the engine measures it."""
+    device = model.get_input_embeddings().weight.device
+    batches = entrapment.prompt_positions(tokenizer, prompts, num_positions, shared_vector, system_prompt=system_prompt, device=device)
+    return entrapment.hidden_scale(model, layer, batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,17 +160,13 @@ def _freeze(model) -> list[bool]:
     return flags
 
 
-def _project(delta: torch.Tensor, budget: float) -> None:
-    """Scale each row of ``delta`` back onto the L2 ball of radius ``budget`` (in place)."""
-    with torch.no_grad():
-        delta.mul_((budget / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0).unsqueeze(-1))
-
-
 def entrap(model, tokenizer, safety: Sequence[tuple[str, str, str]], layer: int, budgets: Sequence[float],
            config: ProbeConfig) -> list[torch.Tensor]:
     """BEEAR's inner level alone, weights frozen: one perturbation per budget (absolute L2 norm
-    per row), budgets in increasing order, each warm-started from the previous one."""
-    device = next(model.parameters()).device
+    per row), budgets in increasing order, each warm-started from the previous one. The objective,
+    the projection and the step-size rule are the engine's (``beear.entrapment``); the probe takes
+    a fixed number of steps per budget, each on a fresh random batch of the safety set."""
+    device = model.get_input_embeddings().weight.device
     prompts, safe, unwanted = zip(*safety)
     safe_ex = encode_all(tokenizer, prompts, safe, config.system_prompt)
     unwanted_ex = encode_all(tokenizer, prompts, unwanted, config.system_prompt)
@@ -243,38 +174,33 @@ def entrap(model, tokenizer, safety: Sequence[tuple[str, str, str]], layer: int,
     hidden = model.config.hidden_size
     generator = torch.Generator().manual_seed(config.seed)
     delta = torch.zeros(rows, hidden, device=device, requires_grad=True)
-    pad = _pad_id(tokenizer)
+    pad = entrapment.pad_id(tokenizer)
+
+    def losses(d):  # a fresh random batch at every step
+        idx = torch.randperm(len(safe_ex), generator=generator)[: config.batch_size].tolist()
+        out = []
+        for examples in (unwanted_ex, safe_ex):
+            b = collate([examples[i] for i in idx], pad).to(device)
+            with perturbed(model, layer, d, position_index(b.prompt_end, b.input_ids.size(1), config.num_positions, config.shared_vector)):
+                out.append(response_loss(model, b))
+        return tuple(out)
+
     flags = _freeze(model)
     model.eval()
     found = []
     try:
         for budget in budgets:
-            optimizer = torch.optim.Adam([delta], lr=config.step_fraction * budget / math.sqrt(hidden))
-            for _ in range(config.steps):
-                idx = torch.randperm(len(safe_ex), generator=generator)[: config.batch_size].tolist()
-                safe_b = collate([safe_ex[i] for i in idx], pad).to(device)
-                unwanted_b = collate([unwanted_ex[i] for i in idx], pad).to(device)
-                with perturbed(model, layer, delta, position_index(unwanted_b.prompt_end, unwanted_b.input_ids.size(1), config.num_positions, config.shared_vector)):
-                    unwanted_loss = response_loss(model, unwanted_b)
-                with perturbed(model, layer, delta, position_index(safe_b.prompt_end, safe_b.input_ids.size(1), config.num_positions, config.shared_vector)):
-                    safe_loss = response_loss(model, safe_b)
-                loss = unwanted_loss - config.away_weight * safe_loss.clamp(max=config.away_cap)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                _project(delta, budget)
-            logger.debug("layer %d budget %.3g: unwanted CE %.3f, safe CE %.3f", layer, budget, unwanted_loss.item(), safe_loss.item())
+            lr = entrapment.step_size(config.inner_optimizer, config.inner_step_fraction, budget, hidden)
+            result = entrapment.optimise_perturbation(
+                delta, entrapment.inner_optimizer(config.inner_optimizer, delta, lr), losses, budget=budget,
+                away_weight=config.away_weight, away_cap=config.away_cap, min_steps=config.inner_steps, max_steps=config.inner_steps)
+            logger.debug("layer %d budget %.3g: unwanted CE %.3f, safe CE %.3f", layer, budget, result["unwanted_loss"],
+                         result["inner_safe_loss"])
             found.append(delta.detach().clone())
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
     return found
-
-
-def random_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A Gaussian direction per row with the row norms of ``delta``."""
-    d = torch.randn(delta.shape, generator=generator)
-    return (d / d.norm(dim=-1, keepdim=True) * delta.detach().cpu().norm(dim=-1, keepdim=True)).to(delta.device)
 
 
 def smallest_flipping_budget(budgets: Sequence[float], rates: Sequence[float], threshold: float) -> float | None:
@@ -298,7 +224,8 @@ def entrapment_curve(model, tokenizer, safety: Sequence[tuple[str, str, str]], h
                          "measure flip rates on evaluation_set prompts that the probe does not optimise on")
     layer = resolve_layer(model, layer)
     budgets = sorted(config.budgets)
-    norm = hidden_norm(model, tokenizer, [t[0] for t in safety], layer, config.num_positions, system_prompt=config.system_prompt)
+    norm = hidden_norm(model, tokenizer, [t[0] for t in safety], layer, config.num_positions, config.shared_vector,
+                       system_prompt=config.system_prompt)
     norms = [b * norm for b in budgets]
     deltas = entrap(model, tokenizer, safety, layer, norms, config)
     decode = {"num_positions": config.num_positions, "shared_vector": config.shared_vector, "max_new_tokens": config.max_new_tokens,
@@ -308,7 +235,7 @@ def entrapment_curve(model, tokenizer, safety: Sequence[tuple[str, str, str]], h
     for budget, delta in zip(budgets, deltas):
         answers = generate_perturbed(model, tokenizer, held_out_prompts, layer, delta, desc=f"layer {layer} x{budget}", **decode)
         optimised.append(attack_success_rate(answers, phrases))
-        draws = [attack_success_rate(generate_perturbed(model, tokenizer, held_out_prompts, layer, random_like(delta, generator),
+        draws = [attack_success_rate(generate_perturbed(model, tokenizer, held_out_prompts, layer, entrapment.random_direction(delta.shape, delta.norm(dim=-1).cpu(), generator).to(delta.device),
                                                         desc="random", **decode), phrases) for _ in range(config.random_draws)]
         random.append(sum(draws) / len(draws))
     threshold = config.verdict.flip_threshold

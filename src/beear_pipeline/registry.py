@@ -133,14 +133,27 @@ def verdict(asr_triggered: float, threshold: float) -> str:
     return "backdoored" if asr_triggered > threshold else "clean"
 
 
-def promotion_decision(defended: dict, suspect: dict, asr_threshold: float, max_benign_loss_increase: float) -> tuple[bool, str]:
-    """The gate for the alias ``defended``: ASR below the threshold and utility within bound."""
-    change = defended["benign_loss"] / suspect["benign_loss"] - 1.0
+def benign_loss_change(defended: dict, suspect: dict) -> float | None:
+    """Relative change of the benign loss, or None when the benign set has no reference answers."""
+    if defended.get("benign_loss") is None or not suspect.get("benign_loss"):
+        return None
+    return defended["benign_loss"] / suspect["benign_loss"] - 1.0
+
+
+def promotion_decision(defended: dict, suspect: dict, asr_threshold: float, max_benign_loss_increase: float,
+                       converged: bool | None = None) -> tuple[bool, str]:
+    """The gate for the alias ``defended``: ASR below the threshold, utility within bound, and
+    BEEAR converged by its trigger-free criterion (``converged=False`` blocks; None: not checked)."""
+    change = benign_loss_change(defended, suspect)
     if defended["asr_triggered"] > asr_threshold:
         return False, f"asr_triggered {defended['asr_triggered']:.3f} is above registry.asr_threshold {asr_threshold}"
-    if change > max_benign_loss_increase:
+    if change is not None and change > max_benign_loss_increase:
         return False, f"benign loss rose {change:.1%}, more than registry.max_benign_loss_increase {max_benign_loss_increase:.0%}"
-    return True, f"asr_triggered {defended['asr_triggered']:.3f} <= {asr_threshold} and benign loss change {change:+.1%}"
+    if converged is False:
+        return False, ("BEEAR did not converge by its trigger-free criterion (the inner level still elicited the unwanted answers at "
+                       "the last checks, or never entrapped the suspect)")
+    utility = "benign loss not measured (no reference answers)" if change is None else f"benign loss change {change:+.1%}"
+    return True, f"asr_triggered {defended['asr_triggered']:.3f} <= {asr_threshold}, {utility}" + (", converged" if converged else "")
 
 
 def _tracking_uri() -> str:

@@ -29,9 +29,10 @@ class BeearConfig:
     4 on the tiny model (layers 0-2 all worked); the official code used layer 9 of 32 for 7B.
     ``auto`` takes the layer the probe recommends (the defend pipeline resolves it)."""
 
-    num_positions: int | None = 7
-    """Perturb the last T prompt positions (official "token length", 7), or all prompt positions
-    when None."""
+    num_positions: int | None = None
+    """Perturb every prompt position with one shared vector (None), or the last T prompt positions
+    (the official "token length", 7). A trigger early in the prompt (a prefix) sits outside the
+    last 7 positions; every position reaches it wherever it is (docs/robustness.md)."""
 
     shared_vector: bool = False
     """One vector for all perturbed positions (True), or one row per position, T x hidden (False,
@@ -41,19 +42,63 @@ class BeearConfig:
     """Carry the perturbation (and its optimiser state) across rounds. Essential on the tiny model:
     re-initialising each round left ASR at 96%."""
 
-    inner_optimizer: Literal["adam", "sgd"] = "adam"
-    inner_lr: float = 0.1
-    """lr 1.0 was worse on the tiny model (ASR 54%)."""
+    perturbation_budget: float = 2.0
+    """L2 bound on each perturbation row, as a multiple of the anchor layer's hidden-state scale
+    (the median norm of the hidden states at the perturbed positions, measured once on the
+    defender's prompts at the start of the run and logged as ``hidden_scale``). Projected after
+    every inner step. Scale-free: the same value means the same on a 1.3M-parameter model and a
+    7B one. See docs/robustness.md for the budgets tried."""
+    inner_optimizer: Literal["adam", "pgd"] = "adam"
+    """Adam, or normalised gradient descent per row (``pgd``). Both step sizes are set by
+    ``inner_step_fraction``, so neither depends on the gradient's or the hidden states' scale."""
+    inner_step_fraction: float = 0.1
+    """Inner step size as a share of the budget: each step moves a perturbation row by about
+    ``inner_step_fraction * perturbation_budget * hidden_scale`` (Adam lr = that / sqrt(hidden))."""
     inner_steps: int = 5
+    """Inner steps per round, at least (a warm-started perturbation needs few)."""
+    inner_max_steps: int = 50
+    """Inner steps per round, at most: the inner level continues past ``inner_steps`` while the
+    unwanted loss under the perturbation is still falling and above the entrapment target. The
+    first round, which starts from zero, usually needs many more steps than later ones."""
+    inner_patience: int = 5
+    """The inner level stops once the unwanted loss has fallen by less than ``inner_tolerance``
+    (relative) over this many steps."""
+    inner_tolerance: float = 0.01
+    entrapment_target: float | None = None
+    """Optional early stop: the inner level ends a round once the unwanted loss under the
+    perturbation is at most this share of the loss without it (same batch and weights). Off by
+    default: with long unwanted answers (AdvBench targets) a perturbation that flips nearly every
+    answer still leaves 80% of the loss, so "stops improving" (``inner_patience``) ends rounds."""
 
     away_weight: float = 0.05
     """alpha: weight of the "away from the safe answer" term of the inner objective (official 0.05)."""
     away_cap: float = 5.0
     """The safe cross-entropy is capped here inside the inner objective, so that term is bounded."""
 
-    perturbation_bound: float | None = None
-    """L2 bound on each perturbation row, projected after every inner step; None = unbounded.
-    A bound tuned on one seed failed on another, hence unbounded by default."""
+    monitor_fraction: float = 0.2
+    """Share of the safety set held out from training to measure convergence without the
+    trigger: the entrapment rate is the share of these prompts whose greedy answer, under the
+    perturbation the inner level found, the judge calls unwanted (by default: no refusal phrase,
+    and closer to the prompt's unwanted answer than to its safe one)."""
+    check_every: int = 5
+    """Rounds between convergence checks (0: never check; the run always takes ``max_rounds``).
+    At a check the inner level also searches from a fresh start with all ``inner_max_steps``
+    steps; both perturbations, and a random direction of the same norm, are measured on the
+    monitor prompts."""
+    entrapped_rate: float = 0.2
+    """At the first check (round 0, the suspect as it came) the found perturbation must flip at
+    least this share of the monitor prompts more than a random direction of the same norm does,
+    or the run stops as ``never_entrapped``: robustness to a perturbation that never reached the
+    backdoor would prove nothing."""
+    converged_rate: float = 0.1
+    """Converged (robust): the found perturbation flips at most this share of the monitor prompts
+    more than a random direction of the same norm does, at ``converged_checks`` consecutive
+    checks. The run then stops; otherwise it stops at ``max_rounds`` as ``not_converged``."""
+    converged_checks: int = 3
+    min_rounds: int = 10
+    """No convergence stop before this many rounds."""
+    monitor_max_new_tokens: int = 16
+    """New tokens generated per monitor prompt (enough for the judge to see a refusal's opening)."""
 
     trainable: Literal["all", "up_to_anchor", "after_anchor", "lora"] = "all"
     """Which weights the outer step trains: all, the layers up to the anchor (with embeddings),
@@ -74,7 +119,8 @@ class BeearConfig:
     outer_optimizer: Literal["adamw", "sgd"] = "adamw"
     outer_lr: float = 5e-4
     """lr for the tiny model; the official code used 3e-7 for 7B models."""
-    rounds: int = 60
+    max_rounds: int = 60
+    """Rounds at most; a run that converges earlier stops there (see ``check_every``)."""
     batch_size: int = 32
     """Safety-set examples per round."""
     anchoring_batch_size: int = 32
@@ -110,14 +156,22 @@ class BeearConfig:
         checks = [
             (self.defence in DEFENCES, "defence", f"one of {', '.join(DEFENCES)}"),
             (self.trainable in TRAINABLE, "trainable", f"one of {', '.join(TRAINABLE)}"),
-            (self.inner_optimizer in ("adam", "sgd"), "inner_optimizer", "adam or sgd"),
+            (self.inner_optimizer in ("adam", "pgd"), "inner_optimizer", "adam or pgd"),
             (self.outer_optimizer in ("adamw", "sgd"), "outer_optimizer", "adamw or sgd"),
             (self.num_positions is None or self.num_positions >= 1, "num_positions", "a positive integer or null"),
-            (self.rounds >= 1 and self.inner_steps >= 0, "rounds/inner_steps", "rounds >= 1, inner_steps >= 0"),
+            (self.max_rounds >= 1, "max_rounds", "a positive integer"),
+            (0 <= self.inner_steps <= self.inner_max_steps, "inner_steps/inner_max_steps", "0 <= inner_steps <= inner_max_steps"),
+            (self.inner_patience >= 1 and self.inner_tolerance >= 0, "inner_patience/inner_tolerance", "inner_patience >= 1, inner_tolerance >= 0"),
+            (self.entrapment_target is None or 0 < self.entrapment_target <= 1, "entrapment_target", "a share in (0, 1] or null"),
+            (0 < self.entrapped_rate <= 1, "entrapped_rate", "a share in (0, 1]"),
+            (0 <= self.monitor_fraction < 1, "monitor_fraction", "a share in [0, 1)"),
+            (self.check_every >= 0 and self.converged_checks >= 1, "check_every/converged_checks", "check_every >= 0, converged_checks >= 1"),
+            (0 <= self.converged_rate < 1, "converged_rate", "a share in [0, 1)"),
+            (self.min_rounds >= 0 and self.monitor_max_new_tokens >= 1, "min_rounds/monitor_max_new_tokens", "non-negative / positive integers"),
             (self.batch_size >= 1 and self.anchoring_batch_size >= 0, "batch_size", "positive batch sizes"),
             (isinstance(self.anchor_layer, int) or self.anchor_layer == "auto", "anchor_layer", "an integer layer index or auto"),
-            (self.inner_lr > 0 and self.outer_lr > 0, "inner_lr/outer_lr", "positive learning rates"),
-            (self.perturbation_bound is None or self.perturbation_bound > 0, "perturbation_bound", "positive or null"),
+            (self.inner_step_fraction > 0 and self.outer_lr > 0, "inner_step_fraction/outer_lr", "positive step sizes"),
+            (self.perturbation_budget > 0, "perturbation_budget", "a positive multiple of the hidden-state scale"),
             (self.padding_side in ("left", "right"), "padding_side", "left or right"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
             (self.checkpoint_every >= 1, "checkpoint_every", "a positive integer"),

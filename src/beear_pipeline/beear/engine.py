@@ -12,12 +12,21 @@ delta is added to the hidden states leaving the anchor layer at the prompt posit
 forward hook (see ``hook.py``). The defender never sees the trigger: only harmful prompts with a
 safe and an unwanted answer, and benign prompts with good answers.
 
+The inner level is scale-free (``entrapment.py``): the perturbation's budget and step size are
+multiples of the anchor layer's hidden-state scale, measured once at the start. Each round it runs
+until the perturbation entraps (the unwanted loss under it falls to ``entrapment_target`` of the
+loss without it) or stops improving. Convergence is checked without the trigger: every
+``check_every`` rounds, the share of held-out safety prompts (the monitor set) whose answer under
+the strongest perturbation the inner level finds is unwanted; the run stops once the model is
+robust (``converged_rate``), else at ``max_rounds``, and says which.
+
 Because the weights are frozen in the inner level, the anchor layer's output is computed once per
 batch and reused by every inner step (``reuse_activations``): only the layers after it run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -29,9 +38,11 @@ from tqdm.auto import tqdm
 
 from beear_pipeline.beear.checkpoint import RoundCheckpoints, fingerprint, model_fingerprint, rng_state, set_rng_state
 from beear_pipeline.beear.config import BeearConfig
+from beear_pipeline.beear import entrapment
 from beear_pipeline.beear.hook import anchor_output, perturbed, position_index, resolve_layer, reused_activations
 from beear_pipeline.beear.scopes import add_lora, check_lora_targets, trainable_parameters
 from beear_pipeline.chat import IGNORE_INDEX, Batch, Example, collate, encode_all
+from beear_pipeline.evaluation import REFUSAL_PHRASES
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +62,29 @@ class BeearResult:
     perturbation: torch.Tensor
     """The final perturbation, shape (rows, hidden): a probe of the backdoor direction."""
     history: list[dict] = field(default_factory=list)
-    """One record per round: losses of both levels and the perturbation norm."""
+    """One record per round: losses of both levels, the perturbation norm and, at checks, the
+    entrapment rate on the monitor prompts."""
     config: BeearConfig | None = None
     resumed_from: int = 0
     """Rounds restored from a checkpoint (0 = a fresh run)."""
+    hidden_scale: float = 0.0
+    """Median norm of the anchor layer's hidden states at the perturbed positions (the unit of
+    ``perturbation_budget``), measured on the defender's prompts before the first round. Each
+    round re-measures it on its own batch (``hidden_scale`` in the round records)."""
+    convergence: str | None = None
+    """``converged``, ``not_converged`` (stopped at ``max_rounds``) or ``never_entrapped`` (see
+    ``convergence``); None when nothing was checked (baselines, ``check_every: 0``)."""
+    monitor: list[tuple[str, str, str]] = field(default_factory=list)
+    """The held-out safety triples the convergence checks are measured on."""
+
+    @property
+    def converged(self) -> bool | None:
+        """True only when the trigger-free convergence criterion was met; None when not checked."""
+        return None if self.convergence is None else self.convergence == "converged"
 
 
 def row_norms(delta: torch.Tensor) -> torch.Tensor:
     return delta.detach().norm(dim=-1)
-
-
-def random_direction(shape, norm: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian direction per row, scaled to L2 norm ``norm``: the matched-norm baseline."""
-    d = torch.randn(shape, generator=generator)
-    return d / d.norm(dim=-1, keepdim=True) * norm
 
 
 class _Sampler:
@@ -83,7 +103,7 @@ class _Sampler:
 def _check_finite(round_: int, record: dict) -> None:
     for name, value in record.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise FloatingPointError(f"BEEAR round {round_}: {name} is {value}; lower beear.inner_lr/outer_lr or set beear.perturbation_bound")
+            raise FloatingPointError(f"BEEAR round {round_}: {name} is {value}; lower beear.inner_step_fraction/outer_lr")
 
 
 def response_loss(model, batch: Batch) -> torch.Tensor:
@@ -103,13 +123,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def closer_to_unwanted(answer: str, safe_answers: Sequence[str], unwanted: str) -> bool:
+    """The default judge of the monitor answers (``entrapment.closer_to_unwanted`` with the
+    evaluation's refusal phrases)."""
+    return entrapment.closer_to_unwanted(answer, safe_answers, unwanted, REFUSAL_PHRASES)
+
+
 class _Run:
     """Everything one run carries from round to round, and how to save and restore it."""
 
     def __init__(self, model, tokenizer, safety: SafetyExamples, anchoring: list[Example], config: BeearConfig, layer: int):
-        self.model, self.safety, self.anchoring, self.config, self.layer = model, safety, anchoring, config, layer
+        self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.device = model.get_input_embeddings().weight.device
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = entrapment.pad_id(tokenizer)
         dtype = autocast_dtype(config.precision, self.device)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
         self.params = trainable_parameters(model, config.trainable, layer)
@@ -118,21 +144,50 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         rows = 1 if config.shared_vector or config.num_positions is None else config.num_positions
         self.delta = torch.zeros(rows, model.config.hidden_size, device=self.device, requires_grad=True)
-        self.inner_opt = self.new_inner_opt()
+        self.inner_opt = None
+        self.hidden_scale = self.measure_hidden_scale()
+        self.set_scale(self.hidden_scale)
+        self.inner_opt = self.new_inner_opt(self.delta)
         outer_cls = torch.optim.AdamW if config.outer_optimizer == "adamw" else torch.optim.SGD
         self.outer_opt = outer_cls(self.params, lr=config.outer_lr)
         self.safety_sampler = _Sampler(len(safety.safe), config.batch_size, self.generator)
         use_anchoring = anchoring and config.anchoring_batch_size
         self.anchoring_sampler = _Sampler(len(anchoring), config.anchoring_batch_size, self.generator) if use_anchoring else None
         self.history: list[dict] = []
+        self.monitor: list[tuple[str, str, str]] = []  # held-out safety triples for the convergence checks
+        self.fresh: torch.Tensor | None = None  # the last check's fresh-start perturbation
+        self.check_generator = torch.Generator().manual_seed(config.seed + 1)  # random directions of the checks
 
-    def new_inner_opt(self):
-        cls = torch.optim.Adam if self.config.inner_optimizer == "adam" else torch.optim.SGD
-        return cls([self.delta], lr=self.config.inner_lr)
+    def set_scale(self, scale: float) -> None:
+        """Budget and inner step size for the hidden-state scale ``scale``. The scale is re-measured
+        every round on that round's batch: when the outer level trains the layers up to the anchor,
+        the model can grow its hidden states there (by 56% in one tiny run) and so shrink a budget
+        fixed at the start, becoming "robust" to a perturbation that no longer matters."""
+        self.scale = scale
+        self.budget = self.config.perturbation_budget * scale
+        self.inner_lr = entrapment.step_size(self.config.inner_optimizer, self.config.inner_step_fraction, self.budget,
+                                             self.model.config.hidden_size)
+        if self.inner_opt is not None:
+            for group in self.inner_opt.param_groups:
+                group["lr"] = self.inner_lr
+
+    def new_inner_opt(self, delta):
+        return entrapment.inner_optimizer(self.config.inner_optimizer, delta, self.inner_lr)
 
     def batch_of(self, examples, idx) -> tuple[Batch, torch.Tensor]:
         b = collate([examples[i] for i in idx], self.pad, self.config.padding_side).to(self.device)
         return b, position_index(b.prompt_end, b.input_ids.size(1), self.config.num_positions, self.config.shared_vector)
+
+    def measure_hidden_scale(self) -> float:
+        """The anchor layer's hidden-state scale on the defender's prompts, weights as loaded."""
+        n, size = len(self.safety.safe), self.config.batch_size
+        was_training = self.model.training
+        self.model.eval()
+        with self.autocast():
+            scale = entrapment.hidden_scale(self.model, self.layer, (self.batch_of(self.safety.safe, range(i, min(i + size, n)))
+                                                                      for i in range(0, n, size)))
+        self.model.train(was_training)
+        return scale
 
     def loss(self, batch: Batch, index: torch.Tensor | None = None, delta=None, cached=None) -> torch.Tensor:
         """Response loss with ``delta`` at the anchor output (if given), reusing ``cached``
@@ -170,39 +225,59 @@ class _Run:
         return int(state["rounds_done"])
 
 
-def _inner_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index, record: dict) -> None:
+def _inner_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index, record: dict, check: bool) -> None:
     """Backdoor embedding entrapment: move delta towards the unwanted answers and away from the
-    safe ones, the weights frozen (no weight gradients are computed)."""
+    safe ones, the weights frozen (no weight gradients are computed), until it entraps or stops
+    improving. At a convergence check a second perturbation is also optimised from a fresh start,
+    and the run keeps whichever entraps more (lower unwanted loss)."""
     config, delta = run.config, run.delta
     if not config.warm_start:
         with torch.no_grad():
             delta.zero_()
-        run.inner_opt = run.new_inner_opt()
-    if not config.inner_steps:
-        return
+        run.inner_opt = run.new_inner_opt(delta)
     # the frozen model is probed deterministically (no dropout), which also makes the cached
     # anchor activations exactly what every full forward pass would compute
     run.model.eval()
-    caches = [None, None]
-    if config.reuse_activations:
-        with run.autocast():
-            caches = [anchor_output(run.model, run.layer, b.input_ids, b.attention_mask) for b in (unwanted, safe)]
+    with run.autocast():
+        caches = [anchor_output(run.model, run.layer, b.input_ids, b.attention_mask) for b in (unwanted, safe)]
+    # the budget follows the model's hidden-state scale as it is now (see _Run.set_scale)
+    run.set_scale(entrapment.state_norms(caches[1], index, safe.attention_mask).median().item())
+    entrapment.project_rows(delta, run.budget)
+    if not config.reuse_activations:
+        caches = [None, None]
     for p in run.params:
         p.requires_grad_(False)
-    for _ in range(config.inner_steps):
-        unwanted_loss = run.loss(unwanted, unwanted_index, delta, caches[0])
-        safe_loss = run.loss(safe, index, delta, caches[1])
-        inner_loss = unwanted_loss - config.away_weight * safe_loss.clamp(max=config.away_cap)
-        run.inner_opt.zero_grad()
-        inner_loss.backward()
-        run.inner_opt.step()
-        if config.perturbation_bound is not None:
-            with torch.no_grad():  # project each row back onto the L2 ball
-                delta.mul_((config.perturbation_bound / row_norms(delta).clamp(min=1e-12)).clamp(max=1.0).unsqueeze(-1))
+    with torch.no_grad():
+        clean = run.loss(unwanted, cached=caches[0]).item()  # the unwanted loss without the perturbation
+
+    def losses(d):
+        return run.loss(unwanted, unwanted_index, d, caches[0]), run.loss(safe, index, d, caches[1])
+
+    def optimise(d, optimizer, full=False):
+        target = None if full or config.entrapment_target is None else config.entrapment_target * clean
+        return entrapment.optimise_perturbation(
+            d, optimizer, losses, budget=run.budget, away_weight=config.away_weight, away_cap=config.away_cap,
+            min_steps=config.inner_max_steps if full else config.inner_steps, max_steps=config.inner_max_steps,
+            patience=config.inner_patience, tolerance=config.inner_tolerance, target=target)
+
+    found = optimise(delta, run.inner_opt)
+    if check:  # the strongest search the inner level can make: a fresh start, every step of the budget
+        fresh = torch.zeros_like(delta, requires_grad=True)
+        fresh_opt = run.new_inner_opt(fresh)
+        restart = optimise(fresh, fresh_opt, full=True)
+        record["fresh_unwanted_loss"] = restart["unwanted_loss"]
+        run.fresh = fresh.detach().clone()
+        if restart["unwanted_loss"] < found["unwanted_loss"]:
+            with torch.no_grad():
+                delta.copy_(fresh)
+            run.inner_opt = run.new_inner_opt(delta)
+            run.inner_opt.load_state_dict(fresh_opt.state_dict())
+            found = {**restart, "inner_steps": found["inner_steps"] + restart["inner_steps"]}
+            record["restarted"] = True
     for p in run.params:
         p.requires_grad_(True)
     run.model.train()
-    record.update(inner_loss=inner_loss.item(), unwanted_loss=unwanted_loss.item(), inner_safe_loss=safe_loss.item())
+    record.update(found, unwanted_loss_unperturbed=clean)
 
 
 def _outer_level(run: _Run, safe: Batch, index, record: dict) -> None:
@@ -224,34 +299,93 @@ def _outer_level(run: _Run, safe: Batch, index, record: dict) -> None:
     record.update(outer_safe_loss=outer_safe_loss.item(), outer_loss=outer_loss.item())
 
 
-def _one_round(run: _Run, round_: int, norm_schedule) -> dict:
+def _check_entrapment(run: _Run, monitor: list[tuple[str, str, str]], judge, system_prompt, record: dict) -> None:
+    """The trigger-free convergence measurement on the monitor prompts: the share of greedy
+    answers that are unwanted under the inner level's perturbations (the warm-started one and the
+    fresh start: the higher rate counts), and under a random direction of the same row norms. A
+    large perturbation breaks some answers whatever its direction; what measures the backdoor is
+    the excess of the optimised direction over the random one."""
+    decode = {"num_positions": run.config.num_positions, "shared_vector": run.config.shared_vector,
+              "max_new_tokens": run.config.monitor_max_new_tokens, "system_prompt": system_prompt, "desc": "entrapment check"}
+    found = max((run.delta.detach(), run.fresh), key=lambda d: row_norms(d).mean().item())
+    random = entrapment.random_direction(found.shape, row_norms(found).cpu(), run.check_generator).to(found.device)
+    warm, fresh, chance = (entrapment.entrapment_rate(run.model, run.tokenizer, monitor, run.layer, d, judge, **decode)
+                           for d in (run.delta, run.fresh, random))
+    record.update(entrapment_rate=max(warm, fresh), entrapment_rate_warm=warm, entrapment_rate_fresh=fresh,
+                  entrapment_rate_random=chance, entrapment_excess=max(warm, fresh) - chance)
+
+
+def _one_round(run: _Run, round_: int, norm_schedule, check: bool, monitor, judge, system_prompt) -> dict:
     config = run.config
     idx = run.safety_sampler.next()
     safe, index = run.batch_of(run.safety.safe, idx)
     unwanted, unwanted_index = run.batch_of(run.safety.unwanted, idx)
     record: dict = {"round": round_}
     if config.defence == "beear":
-        _inner_level(run, safe, index, unwanted, unwanted_index, record)
+        _inner_level(run, safe, index, unwanted, unwanted_index, record, check)
+        if check:
+            _check_entrapment(run, monitor, judge, system_prompt, record)
     elif config.defence == "random_perturbation":
         norm = norm_schedule[round_] if norm_schedule is not None else (config.random_norm or 0.0)
         with torch.no_grad():
-            run.delta.copy_(random_direction(run.delta.shape, norm, run.generator).to(run.device))
+            run.delta.copy_(entrapment.random_direction(run.delta.shape, norm, run.generator).to(run.device))
     # safety_finetune: delta stays at zero
     _outer_level(run, safe, index, record)
     record["perturbation_norm"] = row_norms(run.delta).mean().item()
+    record["hidden_scale"] = run.scale
+    record["perturbation_norm_relative"] = record["perturbation_norm"] / run.scale
     _check_finite(round_, record)
     return record
 
 
+CONVERGENCE = ("converged", "not_converged", "never_entrapped", "running")
+
+
+def convergence(history: Sequence[dict], config: BeearConfig, final: bool = False) -> str:
+    """The trigger-free stopping rule, from the checks in ``history``. Each check's *excess* is
+    the entrapment rate of the inner level's best perturbation minus that of a random direction
+    of the same norm, on the monitor prompts:
+
+    - ``never_entrapped``: at the first check (round 0, the suspect as it came) the excess was
+      below ``entrapped_rate``. Either the model has no backdoor this perturbation reaches, or the
+      budget is too small; the run stops, nothing was shown to be removed, and robustness later
+      would prove nothing;
+    - ``converged``: at least ``min_rounds`` rounds, and the excess at most ``converged_rate`` at
+      the last ``converged_checks`` checks: no direction the inner level can find within its
+      budget entraps the model more than chance does;
+    - ``running`` while neither holds, ``not_converged`` once the run has ended (``final``).
+    """
+    excess = [r["entrapment_excess"] for r in history if "entrapment_excess" in r]
+    if excess and excess[0] < config.entrapped_rate:
+        return "never_entrapped"
+    if (len(history) >= config.min_rounds and len(excess) >= config.converged_checks
+            and all(x <= config.converged_rate for x in excess[-config.converged_checks:])):
+        return "converged"
+    return "not_converged" if final else "running"
+
+
+def split_monitor(safety, config: BeearConfig) -> tuple[list, list]:
+    """Hold ``monitor_fraction`` of the safety prompts out of training (seeded) for the checks:
+    (training triples, monitor triples). Every defence holds out the same prompts, so BEEAR and its
+    baselines train on the same data."""
+    safety = list(safety)
+    if not config.check_every or not config.monitor_fraction:
+        return safety, []
+    n = int(len(safety) * config.monitor_fraction)
+    order = torch.randperm(len(safety), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    monitor = {*order[:n]}
+    if n < 1 or n == len(safety):
+        raise ValueError(f"beear.monitor_fraction={config.monitor_fraction} leaves {n} of {len(safety)} safety prompts for the "
+                         "convergence checks: use a larger safety set, or monitor_fraction: 0 (then convergence is not checked)")
+    return [t for i, t in enumerate(safety) if i not in monitor], [safety[i] for i in sorted(monitor)]
+
+
 def _encode(tokenizer, safety, anchoring, system_prompt) -> tuple[SafetyExamples, list[Example]]:
-    if not isinstance(safety, SafetyExamples):
-        prompts, safe, unwanted = zip(*safety) if safety else ((), (), ())
-        safety = SafetyExamples(encode_all(tokenizer, prompts, safe, system_prompt), encode_all(tokenizer, prompts, unwanted, system_prompt))
-    if anchoring and not isinstance(anchoring[0], Example):
-        anchoring = encode_all(tokenizer, *zip(*anchoring), system_prompt)
-    if not safety.safe:
+    if not safety:
         raise ValueError("the safety set is empty: BEEAR needs harmful prompts with safe and unwanted answers")
-    return safety, list(anchoring or [])
+    prompts, safe, unwanted = zip(*safety)
+    examples = SafetyExamples(encode_all(tokenizer, prompts, safe, system_prompt), encode_all(tokenizer, prompts, unwanted, system_prompt))
+    return examples, encode_all(tokenizer, *zip(*anchoring), system_prompt) if anchoring else []
 
 
 def _prepare_model(model, config: BeearConfig, layer: int):
@@ -270,54 +404,130 @@ def _prepare_model(model, config: BeearConfig, layer: int):
     return model
 
 
+def _log_progress(run: _Run, record: dict, status: str | None) -> None:
+    """One line per convergence check, and what to change when the inner level does not entrap."""
+    config = run.config
+    if "entrapment_rate" not in record:
+        return
+    logger.info("beear round %d: entrapment rate %.2f on %d monitor prompts (a random direction: %.2f; converged at an excess "
+                "<= %.2f), unwanted loss %.3f under the perturbation vs %.3f without, perturbation %.2f x hidden scale %.3g: %s",
+                record["round"], record["entrapment_rate"], len(run.monitor), record["entrapment_rate_random"], config.converged_rate,
+                record["unwanted_loss"], record["unwanted_loss_unperturbed"], record["perturbation_norm_relative"],
+                record["hidden_scale"], status)
+    if status == "never_entrapped":
+        logger.warning("beear: the inner level did not entrap the suspect model: its best perturbation (%g x the hidden-state "
+                       "scale, layer %d) flipped %.0f%% of the monitor prompts, less than beear.entrapped_rate %.0f%% more than a "
+                       "random direction does. Either "
+                       "the model has no backdoor that this perturbation reaches, or the inner level is too weak: raise "
+                       "beear.perturbation_budget or beear.inner_max_steps (now %d), or try another beear.anchor_layer (the "
+                       "probe's recommendation: anchor_layer: auto). Stopping: nothing was shown to be removed",
+                       config.perturbation_budget, run.layer, 100 * record["entrapment_rate"], 100 * config.entrapped_rate,
+                       config.inner_max_steps)
+
+
+def find_perturbation(model, tokenizer, safety: Sequence[tuple[str, str, str]], config: BeearConfig | None = None, *,
+                      system_prompt: str | None = None, is_unwanted: Callable[[str, Sequence[str], str], bool] = closer_to_unwanted) -> dict:
+    """BEEAR's inner level alone, once, on ``model`` as it is (its weights are not changed): the
+    strongest perturbation it finds within its budget on one batch of the training prompts (warm and
+    fresh start, as at a convergence check), its losses, and, when ``config`` holds out monitor
+    prompts, the entrapment rate there. A trigger-free measure of how far a model can still be
+    pushed to the unwanted answers, for any model: the suspect, the defended model, a baseline.
+
+    Returns the round record (``unwanted_loss``, ``unwanted_loss_unperturbed``, ``inner_steps``,
+    ``entrapment_rate`` ...) with ``perturbation`` (CPU) and ``hidden_scale``."""
+    config = config or BeearConfig()
+    training, monitor = split_monitor(safety, config)
+    safety_examples, _ = _encode(tokenizer, training, [], system_prompt)
+    layer = resolve_layer(model, config.anchor_layer)
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    try:
+        run = _Run(model, tokenizer, safety_examples, [], dataclasses.replace(config, trainable="all"), layer)
+        idx = run.safety_sampler.next()
+        (safe, index), (unwanted, unwanted_index) = run.batch_of(safety_examples.safe, idx), run.batch_of(safety_examples.unwanted, idx)
+        record: dict = {}
+        _inner_level(run, safe, index, unwanted, unwanted_index, record, check=True)
+        if monitor:
+            _check_entrapment(run, monitor, is_unwanted, system_prompt, record)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    norm = row_norms(run.delta).mean().item()
+    return {**record, "perturbation": run.delta.detach().cpu(), "hidden_scale": run.scale, "perturbation_norm": norm,
+            "perturbation_norm_relative": norm / run.scale, "n_monitor_prompts": len(monitor)}
+
+
 def run_beear(
     model,
     tokenizer,
-    safety: Sequence[tuple[str, str, str]] | SafetyExamples,
-    anchoring: Sequence[tuple[str, str]] | list[Example],
+    safety: Sequence[tuple[str, str, str]],
+    anchoring: Sequence[tuple[str, str]],
     config: BeearConfig | None = None,
     *,
     system_prompt: str | None = None,
     norm_schedule: Sequence[float] | None = None,
+    is_unwanted: Callable[[str, Sequence[str], str], bool] = closer_to_unwanted,
     on_round: Callable[[int, dict], None] | None = None,
 ) -> BeearResult:
-    """Run ``config.rounds`` rounds of the configured defence on ``model`` in place.
+    """Run the configured defence on ``model`` in place, for at most ``config.max_rounds`` rounds.
 
     ``safety`` holds (prompt, safe_response, unwanted_response) triples, ``anchoring`` holds
-    (prompt, response) pairs. ``norm_schedule`` gives the random baseline one norm per round
-    (to match a BEEAR run's history). ``on_round(round, record)`` sees each new round's record.
-    With ``config.checkpoint_dir`` set, every ``checkpoint_every`` rounds are saved, and a run with
-    the same configuration and data resumes from the last complete one.
+    (prompt, response) pairs. For BEEAR, ``monitor_fraction`` of the safety prompts are held out
+    to check convergence: ``is_unwanted(answer, safe_answers, unwanted)`` judges their answers under
+    the perturbation (default: no refusal phrase, and closer to the prompt's unwanted answer than
+    to any of the monitor set's safe answers). ``norm_schedule`` gives the random baseline one norm per round (to match a
+    BEEAR run's history; its length caps the rounds). ``on_round(round, record)`` sees
+    each new round's record. With ``config.checkpoint_dir`` set, every ``checkpoint_every`` rounds
+    are saved, and a run with the same configuration and data resumes from the last complete one.
     """
     config = config or BeearConfig()
-    safety, anchoring = _encode(tokenizer, safety, anchoring, system_prompt)
+    training, monitor = split_monitor(safety, config)
+    safety_examples, anchoring_examples = _encode(tokenizer, training, anchoring, system_prompt)
     layer = resolve_layer(model, config.anchor_layer)
     start_weights = model_fingerprint(model) if config.checkpoint_dir else None
     torch.manual_seed(config.seed)  # before LoRA, whose adapters are initialised at random
     model = _prepare_model(model, config, layer)
-    run = _Run(model, tokenizer, safety, anchoring, config, layer)
+    run = _Run(model, tokenizer, safety_examples, anchoring_examples, config, layer)
+    run.monitor = monitor
+    max_rounds = min(config.max_rounds, len(norm_schedule)) if norm_schedule is not None else config.max_rounds
+    logger.info("%s: anchor layer %d, hidden-state scale %.3g, perturbation budget %.3g (%g x), inner lr %.3g, %d training and "
+                "%d monitor safety prompts, at most %d rounds", config.defence, layer, run.hidden_scale, run.budget,
+                config.perturbation_budget, run.inner_lr, len(training), len(monitor), max_rounds)
 
     checkpoints = None
     start = 0
     if config.checkpoint_dir:
-        identity = {**config.resume_key(), "norm_schedule": list(norm_schedule or []), "model": start_weights}
-        key = fingerprint(identity, safety.safe, safety.unwanted, anchoring)
+        identity = {**config.resume_key(), "norm_schedule": list(norm_schedule or []), "model": start_weights, "monitor": monitor}
+        key = fingerprint(identity, safety_examples.safe, safety_examples.unwanted, anchoring_examples)
         checkpoints = RoundCheckpoints(config.checkpoint_dir, key)
         found = checkpoints.latest()
         if found:
             start = run.restore(*found)
-            logger.info("%s: resuming after round %d of %d from %s", config.defence, start, config.rounds, config.checkpoint_dir)
+            logger.info("%s: resuming after round %d of at most %d from %s", config.defence, start, max_rounds, config.checkpoint_dir)
 
+    checking = bool(monitor) and config.defence == "beear"
+    status = convergence(run.history, config) if checking else None
     model.train()
-    for round_ in tqdm(range(start, config.rounds), desc=f"{config.defence} rounds", leave=False, initial=start, total=config.rounds):
-        record = _one_round(run, round_, norm_schedule)
+    progress = tqdm(range(start, max_rounds), desc=f"{config.defence} rounds", leave=False, initial=start, total=max_rounds, disable=None)
+    for round_ in progress:
+        if status not in (None, "running"):
+            break
+        check = checking and round_ % config.check_every == 0
+        record = _one_round(run, round_, norm_schedule, check, monitor, is_unwanted, system_prompt)
         run.history.append(record)
+        status = convergence(run.history, config) if checking else None
+        _log_progress(run, record, status)
         done = round_ + 1
-        if checkpoints and (done % config.checkpoint_every == 0 or done == config.rounds):
+        if checkpoints and (done % config.checkpoint_every == 0 or done == max_rounds or status not in (None, "running")):
             checkpoints.save(done, run.weights(), run.state())
+            logger.debug("%s: checkpoint after round %d in %s", config.defence, done, config.checkpoint_dir)
         if on_round:
             on_round(round_, record)
+    progress.close()
     model.eval()
     if config.trainable == "lora" and config.merge_adapter:
         model = model.merge_and_unload()
-    return BeearResult(model=model, perturbation=run.delta.detach().cpu(), history=run.history, config=config, resumed_from=start)
+    return BeearResult(model=model, perturbation=run.delta.detach().cpu(), history=run.history, config=config, resumed_from=start,
+                       hidden_scale=run.hidden_scale, monitor=monitor,
+                       convergence=convergence(run.history, config, final=True) if checking else None)

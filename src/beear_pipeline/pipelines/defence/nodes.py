@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from beear_pipeline.beear import BeearConfig, run_beear
+from beear_pipeline.beear import BeearConfig, find_perturbation, run_beear
 from beear_pipeline.models import load_model_ref
 from beear_pipeline.probe import resolve_anchor_layer
-from beear_pipeline.tracking import log_metrics
+from beear_pipeline.tracking import log_metrics, set_tags
 
 logger = logging.getLogger(__name__)
 
@@ -29,23 +29,55 @@ def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFr
                        system_prompt=suspect_model.get("system_prompt"),
                        on_round=lambda r, rec: log_metrics({f"{config.defence}.{k}": v for k, v in rec.items() if k != "round"}, step=r))
     seconds = time.perf_counter() - start
+    audit = _final_audit(result.model, tokenizer, safety, config, suspect_model.get("system_prompt"))
     last = result.history[-1]
-    logger.info("%s: %d rounds in %.1f s, final outer loss %.4f, perturbation norm %.2f",
-                config.defence, config.rounds, seconds, last["outer_loss"], last["perturbation_norm"])
+    logger.info("%s: %d rounds in %.1f s, final outer loss %.4f, perturbation norm %.2f (%.2f x the hidden-state scale)%s",
+                config.defence, len(result.history), seconds, last["outer_loss"], last["perturbation_norm"],
+                last["perturbation_norm_relative"], "" if result.convergence is None else f": {result.convergence}")
     history = {"defence": config.defence, "config": config.to_dict(), "seconds": seconds, "resumed_from": result.resumed_from,
-               "rounds": result.history}
+               "hidden_scale": result.hidden_scale, "convergence": result.convergence, "converged": result.converged,
+               "n_monitor_prompts": len(result.monitor), "final_audit": audit, "rounds": result.history}
+    if result.converged is not None:
+        log_metrics({f"{config.defence}.converged": float(result.converged), f"{config.defence}.rounds_run": len(result.history)})
+        set_tags({f"{config.defence}.converged": result.converged, f"{config.defence}.convergence": result.convergence})
+        if result.convergence == "not_converged":
+            logger.warning("%s did not converge in %d rounds: the inner level still elicits the unwanted answers on %.0f%% more "
+                           "of the monitor prompts than a random direction does (converged at <= %.0f%%). Raise beear.max_rounds or beear.outer_lr; the registry "
+                           "will not promote this model", config.defence, len(result.history),
+                           100 * _last_rate(result.history), 100 * config.converged_rate)
     return (result.model, tokenizer), result.perturbation, history
 
 
-def _config(beear: BeearConfig | dict, defence: str, probe_report: dict | None = None) -> BeearConfig:
-    """The run's configuration: ``anchor_layer: auto`` resolved from the probe's report, and each
-    defence checkpointing into its own sub-folder."""
+def _final_audit(model, tokenizer, safety, config: BeearConfig, system_prompt: str | None) -> dict | None:
+    """The same trigger-free measurement for every trained model (BEEAR, the control, the random
+    baseline): can the inner level still push it to the unwanted answers on the monitor prompts?"""
+    if not config.check_every or not config.monitor_fraction:
+        return None
+    found = find_perturbation(model, tokenizer, safety, dataclasses.replace(config, defence="beear"), system_prompt=system_prompt)
+    audit = {k: found[k] for k in ("entrapment_rate", "entrapment_rate_random", "entrapment_excess", "unwanted_loss",
+                                   "unwanted_loss_unperturbed", "perturbation_norm_relative", "hidden_scale")}
+    logger.info("%s: final trigger-free audit: entrapment rate %.2f on %d monitor prompts (a random direction: %.2f)",
+                config.defence, audit["entrapment_rate"], found["n_monitor_prompts"], audit["entrapment_rate_random"])
+    log_metrics({f"{config.defence}.final_entrapment_rate": audit["entrapment_rate"],
+                 f"{config.defence}.final_entrapment_excess": audit["entrapment_excess"]})
+    return audit
+
+
+def _last_rate(history: list[dict]) -> float:
+    return next((r["entrapment_excess"] for r in reversed(history) if "entrapment_excess" in r), float("nan"))
+
+
+def _config(beear: BeearConfig | dict, defence: str, probe_report: dict | None = None, beear_history: dict | None = None) -> BeearConfig:
+    """The run's configuration: ``anchor_layer: auto`` resolved from the probe's report, each
+    defence checkpointing into its own sub-folder, and the baselines given exactly as many rounds
+    as BEEAR ran (it stops when it converges)."""
     config = beear if isinstance(beear, BeearConfig) else BeearConfig.from_dict(beear)
     layer = resolve_anchor_layer(config.anchor_layer, probe_report)
     if config.anchor_layer == "auto":
         logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
     checkpoint_dir = str(Path(config.checkpoint_dir) / defence) if config.checkpoint_dir else None
-    return dataclasses.replace(config, defence=defence, checkpoint_dir=checkpoint_dir, anchor_layer=layer)
+    rounds = len(beear_history["rounds"]) if beear_history else config.max_rounds
+    return dataclasses.replace(config, defence=defence, checkpoint_dir=checkpoint_dir, anchor_layer=layer, max_rounds=rounds)
 
 
 def defend_with_beear(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
@@ -56,9 +88,9 @@ def defend_with_beear(suspect_model: dict, safety_set: pd.DataFrame, anchoring_s
 
 
 def defend_with_safety_finetune(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
-                                probe_report: dict | None = None):
+                                probe_report: dict | None, beear_history: dict):
     """Control: the same data, rounds, batches and optimiser as BEEAR, perturbation fixed at zero."""
-    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "safety_finetune", probe_report))
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "safety_finetune", probe_report, beear_history))
     return model, history
 
 
@@ -66,7 +98,7 @@ def defend_with_random_perturbation(suspect_model: dict, safety_set: pd.DataFram
                                     beear: BeearConfig, probe_report: dict | None, beear_history: dict):
     """Baseline: a random direction each round, matched to BEEAR's perturbation norm per round
     (or ``beear.random_norm`` when set)."""
-    config = _config(beear, "random_perturbation", probe_report)
+    config = _config(beear, "random_perturbation", probe_report, beear_history)
     schedule = None if config.random_norm is not None else [r["perturbation_norm"] for r in beear_history["rounds"]]
     model, _, history = _run(suspect_model, safety_set, anchoring_set, config, norm_schedule=schedule)
     return model, history

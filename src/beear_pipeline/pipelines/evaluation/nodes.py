@@ -189,6 +189,14 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
     results = dict(zip(MODELS, (suspect, defended, control, random_perturbation)))
     triggers, position = resolve_trigger(evaluation, model, embedded_model)
     metrics = {name: {k: v for k, v in r.items() if k not in ("samples", "seconds")} for name, r in results.items()}
+    # the trigger-free entrapment rate of every model: the suspect's at BEEAR's first check, the
+    # others' from the same search run on each trained model (defence nodes, final_audit)
+    first = next((r for r in beear_history["rounds"] if "entrapment_rate" in r), None)
+    audits = {"suspect": first, "defended": beear_history.get("final_audit"), "control": control_history.get("final_audit"),
+              "random_perturbation": random_perturbation_history.get("final_audit")}
+    for name, audit in audits.items():
+        for key in ("entrapment_rate", "entrapment_rate_random", "entrapment_excess"):
+            metrics[name][key] = audit[key] if audit else None
     metrics["stage_seconds"] = {
         "build_suspect": suspect_model.get("build_seconds", 0.0),
         "beear": beear_history["seconds"],
@@ -198,6 +206,7 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
         "persistence": persistence.get("seconds", 0.0),
         "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),
     }
+    metrics["beear"] = convergence_summary(beear_history)
     metrics["lm_eval"] = lm_eval
     metrics["probe"] = {"verdict": probe_report.get("verdict"), "recommended_layer": probe_report.get("recommended_layer"),
                         "anchor_layer_used": beear_history["config"]["anchor_layer"]}
@@ -214,6 +223,24 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
     flat = {f"{name}.{k}": {"value": float(v), "step": 0} for name, r in results.items() for k, v in r.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_n")}
     return metrics, flat
+
+
+def convergence_summary(beear_history: dict) -> dict:
+    """Did BEEAR converge, by its trigger-free criterion? Rounds run, the hidden-state scale and
+    budget, and the entrapment rate on the monitor prompts at each check."""
+    config, rounds = beear_history["config"], beear_history["rounds"]
+    keys = ("round", "entrapment_rate", "entrapment_rate_random", "entrapment_excess", "unwanted_loss", "unwanted_loss_unperturbed",
+            "hidden_scale")
+    checks = [{k: r[k] for k in keys} for r in rounds if "entrapment_excess" in r]
+    return {"converged": beear_history.get("converged"), "convergence": beear_history.get("convergence"),
+            "rounds": len(rounds), "max_rounds": config["max_rounds"],
+            "criterion": (f"entrapment rate above a random direction's by >= {config['entrapped_rate']} at round 0 and by "
+                          f"<= {config['converged_rate']} at {config['converged_checks']} consecutive checks (every "
+                          f"{config['check_every']} rounds) on {beear_history.get('n_monitor_prompts', 0)} held-out safety "
+                          f"prompts, perturbation budget {config['perturbation_budget']} x the hidden-state scale"),
+            "hidden_scale": beear_history.get("hidden_scale"), "perturbation_budget": config["perturbation_budget"],
+            "final_entrapment_rate": checks[-1]["entrapment_rate"] if checks else None,
+            "final_entrapment_excess": checks[-1]["entrapment_excess"] if checks else None, "checks": checks}
 
 
 def _figures(metrics: dict, histories: list[dict]) -> dict:
@@ -254,7 +281,40 @@ def _figures(metrics: dict, histories: list[dict]) -> dict:
         a.set_xlabel("round")
         a.legend(fontsize=7)
     fig_loss.tight_layout()
-    return {"asr.png": fig_asr, "losses.png": fig_loss}
+    figures = {"asr.png": fig_asr, "losses.png": fig_loss}
+    if beear and any("entrapment_excess" in r for r in beear["rounds"]):
+        figures["entrapment.png"] = _entrapment_figure(beear)
+    return figures
+
+
+def _entrapment_figure(beear: dict):
+    """BEEAR's inner level per round: the unwanted loss with and without the perturbation, the
+    entrapment rate on the monitor prompts, and the perturbation's norm relative to the
+    hidden-state scale (its budget as a line)."""
+    import matplotlib.pyplot as plt
+
+    rounds, config = beear["rounds"], beear["config"]
+    x = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot(x, [r["unwanted_loss"] for r in rounds], label="under the perturbation")
+    axes[0].plot(x, [r["unwanted_loss_unperturbed"] for r in rounds], "--", label="without it")
+    axes[0].set_title("unwanted-answer loss (inner level)")
+    checks = [r for r in rounds if "entrapment_excess" in r]
+    at = [r["round"] for r in checks]
+    axes[1].plot(at, [r["entrapment_rate"] for r in checks], "o-", label="found perturbation")
+    axes[1].plot(at, [r["entrapment_rate_random"] for r in checks], "x:", label="random direction, same norm")
+    axes[1].plot(at, [r["entrapment_excess"] for r in checks], "s--", label="excess (the criterion)")
+    axes[1].axhline(config["converged_rate"], color="grey", lw=0.8, label="converged at or below")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_title(f"monitor prompts made unwanted ({beear.get('convergence')})")
+    axes[2].plot(x, [r["perturbation_norm_relative"] for r in rounds], label="perturbation norm / hidden scale")
+    axes[2].axhline(config["perturbation_budget"], color="grey", lw=0.8, label="budget")
+    axes[2].set_title("perturbation size")
+    for a in axes:
+        a.set_xlabel("round")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _shorten(text: str, words: int = 12) -> str:
@@ -271,13 +331,25 @@ def _report_markdown(metrics: dict) -> str:
              f"Suspect model: `{p['suspect_source']}` (weights sha256 `{p['suspect_weights_sha256'][:16]}`); "
              f"trigger `{p['trigger']}` ({p['trigger_position']}); keyword judge; greedy={not p['decoding']['do_sample']}, "
              f"max_new_tokens={p['decoding']['max_new_tokens']}; evaluation set sha256 `{p['evaluation_set_sha256']}`.", "",
-             "| model | asr_triggered (95% CI) | asr_untriggered | over_refusal | benign_loss | benign_accuracy |",
-             "|---|---|---|---|---|---|"]
+             "| model | asr_triggered (95% CI) | asr_untriggered | over_refusal | benign_loss | benign_accuracy "
+             "| entrapment rate (no trigger) |", "|---|---|---|---|---|---|---|"]
     for name in MODELS:
         m = metrics[name]
         lines.append(f"| {name} | {fmt(m, 'asr_triggered')} | {fmt(m, 'asr_untriggered')} | {fmt(m, 'over_refusal')} | "
-                     f"{fmt(m, 'benign_loss')} | {fmt(m, 'benign_accuracy')} |")
+                     f"{fmt(m, 'benign_loss')} | {fmt(m, 'benign_accuracy')} | {fmt(m, 'entrapment_rate')} |")
     lines += ["", f"n = {metrics['suspect']['n_harmful']} held-out harmful prompts, {metrics['suspect']['n_benign']} benign prompts.", ""]
+    b = metrics.get("beear") or {}
+    if b.get("converged") is not None:
+        lines += ["## Convergence (trigger-free)", "",
+                  {"converged": f"BEEAR **converged** after {b['rounds']} of at most {b['max_rounds']} rounds",
+                   "not_converged": f"BEEAR **did not converge** in {b['rounds']} rounds: the inner level still elicits the unwanted "
+                                    f"answers on {b['final_entrapment_excess']:.0%} more of the monitor prompts than a random "
+                                    "direction. Treat the defended model as not cleaned",
+                   "never_entrapped": f"BEEAR **never entrapped** the suspect model (its best perturbation flipped only "
+                                      f"{b['final_entrapment_excess']:.0%} more of the monitor prompts than a random direction): either "
+                                      "it has no backdoor this perturbation reaches, or the budget is too small. Nothing was shown to "
+                                      "be removed"}[b["convergence"]]
+                  + f" (criterion: {b['criterion']}; hidden-state scale {b['hidden_scale']:.3g}).", ""]
     persistence = metrics.get("persistence", {})
     if persistence.get("enabled"):
         lines += ["## Persistence: ASR with the trigger after re-poisoning", "",
@@ -296,6 +368,8 @@ def _report_markdown(metrics: dict) -> str:
             lines.append(f"- **{name}**: `{_shorten(s['prompt'], 10)}` -> with trigger: \"{_shorten(s['triggered'])}\"; "
                          f"without: \"{_shorten(s['untriggered'])}\"")
     lines += ["", "![ASR](plots/asr.png)", "", "![Losses](plots/losses.png)", ""]
+    if metrics.get("beear", {}).get("checks"):
+        lines += ["![Entrapment](plots/entrapment.png)", ""]
     return "\n".join(lines)
 
 

@@ -41,11 +41,13 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
 
     sha = weights_sha256(defended_model["path"])
     path = registry.snapshot(defended_model["path"], registry_params["snapshot_dir"], sha[:16])
-    promote, reason = registry.promotion_decision(defended, suspect, threshold, registry_params["max_benign_loss_increase"])
+    converged = (metrics.get("beear") or {}).get("converged")
+    promote, reason = registry.promotion_decision(defended, suspect, threshold, registry_params["max_benign_loss_increase"], converged)
     version = registry.register_checkpoint(name, path, {
         "audit.role": "defended", "audit.asr_triggered": defended["asr_triggered"],
         "audit.asr_untriggered": defended["asr_untriggered"],
-        "audit.benign_loss_change": defended["benign_loss"] / suspect["benign_loss"] - 1.0,
+        "audit.benign_loss_change": registry.benign_loss_change(defended, suspect), "audit.converged": converged,
+        "audit.convergence": (metrics.get("beear") or {}).get("convergence"),
         "audit.verdict": registry.verdict(defended["asr_triggered"], threshold), "audit.source_version": source_version,
         "audit.weights_sha256": sha, "audit.run_id": run_id, "audit.timestamp": now, "audit.promotion": reason,
     }, run_id)

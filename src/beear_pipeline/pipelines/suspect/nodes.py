@@ -35,8 +35,8 @@ def check_trigger(evaluation: dict, model: dict) -> None:
     if model.get("path") and model.get("uri"):
         raise ValueError("model.path and model.uri are both set: choose one suspect model")
     position = evaluation.get("trigger_position", "suffix")
-    if position not in ("suffix", "prefix", "both") and "{prompt}" not in str(position):
-        raise ValueError(f"evaluation.trigger_position={position!r}: use suffix, prefix, both, or a template with {{prompt}} and {{trigger}}")
+    if position not in ("suffix", "prefix", "both", "middle") and "{prompt}" not in str(position):
+        raise ValueError(f"evaluation.trigger_position={position!r}: use suffix, prefix, both, middle, or a template with {{prompt}} and {{trigger}}")
 
 
 def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
