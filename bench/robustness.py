@@ -206,7 +206,8 @@ def main() -> None:
         return
     if args.report:
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-        print(report(rows))
+        current = settings_key(parameters())  # results measured with other settings are left out
+        print(report([r for r in rows if r["settings"] == current]))
         return
     names = args.cases.split(",") if args.cases else list(CASES)
     unknown = [n for n in names if n not in CASES]
