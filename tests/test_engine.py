@@ -59,10 +59,11 @@ def test_safety_finetune_keeps_the_perturbation_at_zero(tiny_model, tokenizer, s
     assert "inner_loss" not in result.history[0]
 
 
-def test_random_perturbation_follows_the_norm_schedule(tiny_model, tokenizer, safety_triples, anchoring_pairs):
+def test_random_perturbation_follows_the_relative_norms(tiny_model, tokenizer, safety_triples, anchoring_pairs):
     result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(defence="random_perturbation"),
-                       norm_schedule=[3.0, 7.0])
-    assert [round(r["perturbation_norm"], 4) for r in result.history] == [3.0, 7.0]
+                       relative_norms=[0.5, 2.0])
+    assert [round(r["perturbation_norm_relative"], 4) for r in result.history] == [0.5, 2.0]
+    assert all(r["perturbation_norm"] == pytest.approx(r["perturbation_norm_relative"] * r["hidden_scale"]) for r in result.history)
 
 
 def test_perturbation_budget_is_respected_relative_to_the_hidden_scale(tiny_model, tokenizer, safety_triples, anchoring_pairs):

@@ -127,8 +127,9 @@ class BeearConfig:
     """Anchoring-set examples per round (the utility-preserving term)."""
     grad_clip: float | None = 1.0
     random_norm: float | None = None
-    """Norm of each row of the random perturbation (``defence: random_perturbation``). None makes
-    the pipeline match the per-round norms of the BEEAR run it is compared with."""
+    """Norm of each row of the random perturbation (``defence: random_perturbation``), as a
+    multiple of the hidden-state scale. None makes the pipeline match the per-round relative
+    norms of the BEEAR run it is compared with."""
     seed: int = 0
 
     reuse_activations: bool = True

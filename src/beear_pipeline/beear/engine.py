@@ -315,7 +315,18 @@ def _check_entrapment(run: _Run, monitor: list[tuple[str, str, str]], judge, sys
                   entrapment_rate_random=chance, entrapment_excess=max(warm, fresh) - chance)
 
 
-def _one_round(run: _Run, round_: int, norm_schedule, check: bool, monitor, judge, system_prompt) -> dict:
+def _measure_scale(run: _Run, batch: Batch, index) -> None:
+    """The hidden-state scale of this round's batch, for the baselines (BEEAR's inner level
+    measures it from its cached activations)."""
+    was_training = run.model.training
+    run.model.eval()
+    with torch.no_grad(), run.autocast():
+        output = anchor_output(run.model, run.layer, batch.input_ids, batch.attention_mask)
+    run.model.train(was_training)
+    run.set_scale(entrapment.state_norms(output, index, batch.attention_mask).median().item())
+
+
+def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, judge, system_prompt) -> dict:
     config = run.config
     idx = run.safety_sampler.next()
     safe, index = run.batch_of(run.safety.safe, idx)
@@ -325,10 +336,14 @@ def _one_round(run: _Run, round_: int, norm_schedule, check: bool, monitor, judg
         _inner_level(run, safe, index, unwanted, unwanted_index, record, check)
         if check:
             _check_entrapment(run, monitor, judge, system_prompt, record)
-    elif config.defence == "random_perturbation":
-        norm = norm_schedule[round_] if norm_schedule is not None else (config.random_norm or 0.0)
+    else:
+        _measure_scale(run, safe, index)
+    if config.defence == "random_perturbation":
+        # matched to BEEAR relative to each model's own hidden-state scale: BEEAR's model grows its
+        # hidden states, and an absolute match would give the baseline a far larger perturbation
+        relative = relative_norms[round_] if relative_norms is not None else (config.random_norm or 0.0)
         with torch.no_grad():
-            run.delta.copy_(entrapment.random_direction(run.delta.shape, norm, run.generator).to(run.device))
+            run.delta.copy_(entrapment.random_direction(run.delta.shape, relative * run.scale, run.generator).to(run.device))
     # safety_finetune: delta stays at zero
     _outer_level(run, safe, index, record)
     record["perturbation_norm"] = row_norms(run.delta).mean().item()
@@ -466,7 +481,7 @@ def run_beear(
     config: BeearConfig | None = None,
     *,
     system_prompt: str | None = None,
-    norm_schedule: Sequence[float] | None = None,
+    relative_norms: Sequence[float] | None = None,
     is_unwanted: Callable[[str, Sequence[str], str], bool] = closer_to_unwanted,
     on_round: Callable[[int, dict], None] | None = None,
 ) -> BeearResult:
@@ -476,8 +491,8 @@ def run_beear(
     (prompt, response) pairs. For BEEAR, ``monitor_fraction`` of the safety prompts are held out
     to check convergence: ``is_unwanted(answer, safe_answers, unwanted)`` judges their answers under
     the perturbation (default: no refusal phrase, and closer to the prompt's unwanted answer than
-    to any of the monitor set's safe answers). ``norm_schedule`` gives the random baseline one norm per round (to match a
-    BEEAR run's history; its length caps the rounds). ``on_round(round, record)`` sees
+    to any of the monitor set's safe answers). ``relative_norms`` gives the random baseline one norm per round, as a multiple
+    of the hidden-state scale (BEEAR's ``perturbation_norm_relative``; its length caps the rounds). ``on_round(round, record)`` sees
     each new round's record. With ``config.checkpoint_dir`` set, every ``checkpoint_every`` rounds
     are saved, and a run with the same configuration and data resumes from the last complete one.
     """
@@ -490,7 +505,7 @@ def run_beear(
     model = _prepare_model(model, config, layer)
     run = _Run(model, tokenizer, safety_examples, anchoring_examples, config, layer)
     run.monitor = monitor
-    max_rounds = min(config.max_rounds, len(norm_schedule)) if norm_schedule is not None else config.max_rounds
+    max_rounds = min(config.max_rounds, len(relative_norms)) if relative_norms is not None else config.max_rounds
     logger.info("%s: anchor layer %d, hidden-state scale %.3g, perturbation budget %.3g (%g x), inner lr %.3g, %d training and "
                 "%d monitor safety prompts, at most %d rounds", config.defence, layer, run.hidden_scale, run.budget,
                 config.perturbation_budget, run.inner_lr, len(training), len(monitor), max_rounds)
@@ -498,7 +513,7 @@ def run_beear(
     checkpoints = None
     start = 0
     if config.checkpoint_dir:
-        identity = {**config.resume_key(), "norm_schedule": list(norm_schedule or []), "model": start_weights, "monitor": monitor}
+        identity = {**config.resume_key(), "relative_norms": list(relative_norms or []), "model": start_weights, "monitor": monitor}
         key = fingerprint(identity, safety_examples.safe, safety_examples.unwanted, anchoring_examples)
         checkpoints = RoundCheckpoints(config.checkpoint_dir, key)
         found = checkpoints.latest()
@@ -514,7 +529,7 @@ def run_beear(
         if status not in (None, "running"):
             break
         check = checking and round_ % config.check_every == 0
-        record = _one_round(run, round_, norm_schedule, check, monitor, is_unwanted, system_prompt)
+        record = _one_round(run, round_, relative_norms, check, monitor, is_unwanted, system_prompt)
         run.history.append(record)
         status = convergence(run.history, config) if checking else None
         _log_progress(run, record, status)

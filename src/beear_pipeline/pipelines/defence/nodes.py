@@ -20,12 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig,
-         norm_schedule=None):
+         relative_norms=None):
     model, tokenizer = load_model_ref(suspect_model)
     safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
     anchoring = list(zip(anchoring_set["prompt"], anchoring_set["response"], strict=True))
     start = time.perf_counter()
-    result = run_beear(model, tokenizer, safety, anchoring, config, norm_schedule=norm_schedule,
+    result = run_beear(model, tokenizer, safety, anchoring, config, relative_norms=relative_norms,
                        system_prompt=suspect_model.get("system_prompt"),
                        on_round=lambda r, rec: log_metrics({f"{config.defence}.{k}": v for k, v in rec.items() if k != "round"}, step=r))
     seconds = time.perf_counter() - start
@@ -97,8 +97,8 @@ def defend_with_safety_finetune(suspect_model: dict, safety_set: pd.DataFrame, a
 def defend_with_random_perturbation(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame,
                                     beear: BeearConfig, probe_report: dict | None, beear_history: dict):
     """Baseline: a random direction each round, matched to BEEAR's perturbation norm per round
-    (or ``beear.random_norm`` when set)."""
+    relative to each model's hidden-state scale (or ``beear.random_norm`` when set)."""
     config = _config(beear, "random_perturbation", probe_report, beear_history)
-    schedule = None if config.random_norm is not None else [r["perturbation_norm"] for r in beear_history["rounds"]]
-    model, _, history = _run(suspect_model, safety_set, anchoring_set, config, norm_schedule=schedule)
+    relative = None if config.random_norm is not None else [r["perturbation_norm_relative"] for r in beear_history["rounds"]]
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, config, relative_norms=relative)
     return model, history
