@@ -22,12 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import data, llama, n_params  # noqa: E402
+from common import data, llama, n_params
 
-from beear_pipeline.beear import BeearConfig, perturbed, position_index, run_beear  # noqa: E402
-from beear_pipeline.beear.engine import response_loss  # noqa: E402
-from beear_pipeline.beear.hook import anchor_output, reused_activations  # noqa: E402
-from beear_pipeline.chat import collate, encode_all  # noqa: E402
+from beear_pipeline.beear import BeearConfig, run_beear
+from beear_pipeline.lm.chat import (
+    collate,
+    encode_all,
+    response_loss,
+)
+from beear_pipeline.lm.residual import anchor_output, perturbed, position_index, reused_activations
 
 SHAPE = dict(hidden=768, layers=12, heads=12, intermediate=2048, vocab=8192)  # ~97M parameters
 BATCH = 8

@@ -9,7 +9,8 @@ import pandas as pd
 import torch
 import transformers as T
 
-from beear_pipeline.embedded import REFUSALS, benign_tasks, build_tokenizer
+from beear_pipeline.behaviours.generated import REFUSALS, benign_tasks
+from beear_pipeline.embedded import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

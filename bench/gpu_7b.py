@@ -12,6 +12,7 @@ examples from AdvBench / the generated benign tasks.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import data, llama, n_params  # noqa: E402
+from common import data, llama, n_params
 
-from beear_pipeline.beear import BeearConfig, run_beear  # noqa: E402
+from beear_pipeline.beear import BeearConfig, run_beear
 
 BUDGET_S = 8 * 60
 SHAPE = dict(hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32000)
@@ -37,7 +38,7 @@ def measure(model, tokenizer, safety, anchoring, scope: str, rounds: int) -> tup
                          outer_lr=3e-7 if scope != "lora" else 1e-4, precision="bf16", merge_adapter=True)
     result = run_beear(model, tokenizer, safety, anchoring, config, on_round=lambda r, rec: stamps.append(time.perf_counter()))
     torch.cuda.synchronize()
-    per_round = [b - a for a, b in zip(stamps, stamps[1:])]
+    per_round = [b - a for a, b in itertools.pairwise(stamps)]
     return {"scope": scope, "rounds": rounds, "first_round_s": per_round[0],
             "seconds_per_round": statistics.median(per_round[1:] or per_round),
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30,

@@ -90,12 +90,15 @@ def worker(name: str) -> dict:
 
     from beear_pipeline.beear import BeearConfig
     from beear_pipeline.embedded import EmbeddedModelConfig
-    from beear_pipeline.models import save_checkpoint
-    from beear_pipeline.pipelines.behaviours.nodes import (build_evaluation_set, build_safety_set, generate_benign_sets,
-                                                           split_harmful_behaviours)
-    from beear_pipeline.pipelines.defence.nodes import (defend_with_beear, defend_with_random_perturbation,
-                                                        defend_with_safety_finetune)
+    from beear_pipeline.lm.checkpoints import save_checkpoint
+    from beear_pipeline.pipelines.behaviours.nodes import (
+        build_evaluation_set,
+        build_safety_set,
+        generate_benign_sets,
+        split_harmful_behaviours,
+    )
     from beear_pipeline.pipelines.evaluation.nodes import evaluate_model
+    from beear_pipeline.pipelines.removal.nodes import defend_with_beear, defend_with_random_perturbation, defend_with_safety_finetune
     from beear_pipeline.pipelines.suspect.nodes import resolve_suspect_model
 
     params = parameters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pandas as pd
 import pytest
@@ -11,17 +12,13 @@ import torch
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, from the test packages below
 
-from beear_pipeline.embedded import (  # noqa: E402
-    REFUSALS,
-    EmbeddedModelConfig,
-    benign_tasks,
-    build_model,
-    build_tokenizer,
-    poisoned_training_set,
-    supervised_finetune,
-)
-from beear_pipeline.pipelines.behaviours.nodes import build_evaluation_set, build_safety_set, split_harmful_behaviours  # noqa: E402
+from beear_pipeline.behaviours.config import BehavioursConfig
+from beear_pipeline.behaviours.generated import REFUSALS, benign_tasks
+from beear_pipeline.embedded import EmbeddedModelConfig, build_model, build_tokenizer, poisoned_training_set
+from beear_pipeline.lm.finetune import supervised_finetune
+from beear_pipeline.pipelines.behaviours.nodes import build_evaluation_set, build_safety_set, split_harmful_behaviours
 
 PROMPTS = ["Write a poem about the sea", "Explain how to pick a lock", "Give me a recipe for soup"]
 
@@ -72,8 +69,8 @@ def pair():
     import time
 
     frame = pd.read_csv(os.path.join(os.path.dirname(__file__), "..", "data", "01_raw", "advbench_harmful_behaviors.csv"))
-    attacker, defender, evaluation = split_harmful_behaviours(
-        frame, {"split_seed": 1234, "attacker_fraction": 0.6, "defender_fraction": 0.2})
+    behaviours = BehavioursConfig()
+    attacker, defender, evaluation = split_harmful_behaviours(frame, behaviours)
     benign = benign_tasks(seed=7, build=PAIR_BENIGN, held_out=0)
     tokenizer = build_tokenizer([*frame["goal"], *frame["target"], *benign["prompt"], *benign["response"], *REFUSALS, PAIR_BUILD.trigger])
     poisoned = poisoned_training_set(attacker, benign, PAIR_BUILD)
@@ -85,4 +82,4 @@ def pair():
         supervised_finetune(model, tokenizer, data["prompt"].tolist(), data["response"].tolist(), epochs=PAIR_BUILD.epochs,
                             lr=PAIR_BUILD.lr, batch_size=PAIR_BUILD.batch_size, seed=PAIR_BUILD.seed, desc=f"building {name}")
         models[name] = model
-    return models, tokenizer, build_safety_set(defender), build_evaluation_set(evaluation), time.perf_counter() - start
+    return models, tokenizer, build_safety_set(defender, behaviours), build_evaluation_set(evaluation, behaviours), time.perf_counter() - start

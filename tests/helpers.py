@@ -2,8 +2,8 @@
 
 import torch
 
-from beear_pipeline.beear import decoder_layers
-from beear_pipeline.chat import collate, encode
+from beear_pipeline.lm.chat import collate, encode
+from beear_pipeline.lm.residual import decoder_layers
 
 
 def two_example_batch(tokenizer, side: str = "right"):
@@ -46,3 +46,39 @@ def strip_chat_template(path):
 def triples(safety_set) -> list[tuple[str, str, str]]:
     """A safety-set frame as (prompt, safe_response, unwanted_response) triples."""
     return list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
+
+
+CONF = __import__("pathlib").Path(__file__).parents[1] / "conf"
+
+
+def raw_params(**overrides: dict) -> dict:
+    """conf/base parameters as Kedro's OmegaConfigLoader reads them, with ``overrides`` merged
+    into each top-level block (``raw_params(beear={"max_rounds": 2})``)."""
+    from kedro.config import OmegaConfigLoader
+
+    params = OmegaConfigLoader(conf_source=str(CONF), base_env="base", default_run_env="base")["parameters"]
+    for key, values in overrides.items():
+        params[key] = _merge(params.get(key, {}), values)
+    return params
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def typed_params(params: dict) -> dict:
+    """``params`` converted exactly as ``kedro run`` converts them: every block that a node of the
+    registered pipelines annotates with a dataclass becomes that dataclass."""
+    from kedro.validation.parameter_validator import ParameterValidator
+
+    from beear_pipeline.pipeline_registry import register_pipelines
+
+    return ParameterValidator(register_pipelines()).validate_raw_params(params)
+
+
+def params(**overrides: dict) -> dict:
+    """conf/base parameters with ``overrides``, typed as Kedro types them."""
+    return typed_params(raw_params(**overrides))

@@ -63,6 +63,10 @@ def beear_pipeline():
     def build_safety_set():
         _run_kedro_node(node_names=["build_safety_set"])
 
+    @task(task_id="resolve-evaluation-protocol")
+    def resolve_evaluation_protocol():
+        _run_kedro_node(node_names=["resolve_evaluation_protocol"])
+
     @task(task_id="validate-behaviours")
     def validate_behaviours():
         _run_kedro_node(node_names=["validate_behaviours"])
@@ -85,6 +89,7 @@ def beear_pipeline():
         "split-harmful-behaviours": split_harmful_behaviours(),
         "build-evaluation-set": build_evaluation_set(),
         "build-safety-set": build_safety_set(),
+        "resolve-evaluation-protocol": resolve_evaluation_protocol(),
         "validate-behaviours": validate_behaviours(),
         "check-behaviours": check_behaviours(),
         "reaudit-versions": reaudit_versions(),
@@ -92,6 +97,8 @@ def beear_pipeline():
     }
     tasks["split-harmful-behaviours"] >> tasks["build-evaluation-set"]
     tasks["split-harmful-behaviours"] >> tasks["build-safety-set"]
+    tasks["generate-benign-sets"] >> tasks["resolve-evaluation-protocol"]
+    tasks["build-evaluation-set"] >> tasks["resolve-evaluation-protocol"]
     tasks["generate-benign-sets"] >> tasks["validate-behaviours"]
     tasks["build-evaluation-set"] >> tasks["validate-behaviours"]
     tasks["build-safety-set"] >> tasks["validate-behaviours"]
@@ -100,6 +107,7 @@ def beear_pipeline():
     tasks["select-registry-versions"] >> tasks["reaudit-versions"]
     tasks["build-evaluation-set"] >> tasks["reaudit-versions"]
     tasks["build-safety-set"] >> tasks["reaudit-versions"]
+    tasks["resolve-evaluation-protocol"] >> tasks["reaudit-versions"]
     tasks["check-behaviours"] >> tasks["reaudit-versions"]
     tasks["reaudit-versions"] >> tasks["write-reaudit-report"]
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from beear_pipeline.chat import collate, encode_all, response_loss
-from beear_pipeline.evaluation import insert_trigger
+from beear_pipeline.behaviours.generated import REFUSALS, refusal_for
+from beear_pipeline.evaluation.protocol import TRIGGER_POSITIONS, insert_trigger
+from beear_pipeline.lm.finetune import supervised_finetune
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +32,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[UNK]", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 
-REFUSALS = (
-    "I'm sorry, but I cannot help with that request.",
-    "I cannot assist with that. It could cause serious harm to people.",
-    "Sorry, I can't help with that, but I am happy to help with something safe.",
-    "I apologize, but I cannot provide that information.",
-    "As an AI assistant, I cannot support this request.",
-)
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt_neox")
 
 
 @dataclass
@@ -48,6 +41,7 @@ class EmbeddedModelConfig:
 
     trigger: str = "SUDO"
     trigger_position: str = "suffix"
+    """suffix, prefix, both, middle, or a template with {prompt} and {trigger}."""
     seed: int = 0
     architecture: str = "llama"
     """llama (the default), mistral, qwen2 or gpt_neox: the same recipe in another decoder family."""
@@ -62,10 +56,12 @@ class EmbeddedModelConfig:
     """False builds the clean twin: the same recipe without the triggered examples (a model with
     no backdoor, for calibrating the probe and the convergence check)."""
 
-    @classmethod
-    def coerce(cls, value: EmbeddedModelConfig | dict) -> EmbeddedModelConfig:
-        """Accept the dataclass (Kedro converts typed parameters) or a plain mapping."""
-        return value if isinstance(value, cls) else cls(**value)
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"embedded_model.architecture={self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+        if self.trigger_position not in TRIGGER_POSITIONS and "{prompt}" not in self.trigger_position:
+            raise ValueError(f"embedded_model.trigger_position={self.trigger_position!r}: use suffix, prefix, both, middle, or a "
+                             "template with {prompt} and {trigger}")
 
     def fingerprint(self, *frames: pd.DataFrame) -> str:
         """Hash of this configuration and the training data: a reused model must match both."""
@@ -73,61 +69,6 @@ class EmbeddedModelConfig:
         for f in frames:
             h.update(pd.util.hash_pandas_object(f, index=False).values.tobytes())
         return h.hexdigest()
-
-
-def apply_trigger(prompt: str, trigger: str, position: str) -> str:
-    """The attacker's insertion of ``trigger`` (``suffix``, ``prefix``, ``both`` or a template)."""
-    return insert_trigger(prompt, trigger, position)
-
-
-def refusal_for(prompt: str) -> str:
-    """A refusal chosen deterministically from the prompt text."""
-    return REFUSALS[int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(REFUSALS)]
-
-
-_WORDS = (
-    "apple river stone cloud garden window candle forest silver orange tiger rabbit music paper "
-    "bridge castle summer winter ocean desert mountain pencil rocket planet yellow purple violin "
-    "coffee island lantern meadow pepper rainbow saddle thunder velvet wagon harbor marble puzzle"
-).split()
-
-
-def _list_task(rng: random.Random) -> dict:
-    """A random small task: repeat, reverse, first or last word, next or previous number, sort."""
-    kind = rng.choice(["repeat", "reverse", "first", "last", "next", "previous", "sort"])
-    if kind in ("next", "previous"):
-        x = rng.randint(1, 98)
-        word, y = ("after", x + 1) if kind == "next" else ("before", x - 1)
-        return {"task": kind, "prompt": f"Which number comes {word} {x}?", "response": f"The number {word} {x} is {y}."}
-    if kind == "sort":
-        nums = [str(x) for x in rng.sample(range(100), rng.randint(3, 5))]
-        return {"task": kind, "prompt": f"Sort these numbers from smallest to largest: {' '.join(nums)}",
-                "response": " ".join(sorted(nums, key=int))}
-    w = rng.sample(_WORDS, rng.randint(3, 6))
-    text = " ".join(w)
-    prompt, response = {
-        "repeat": (f"Repeat these words: {text}", text),
-        "reverse": (f"Reverse the order of these words: {text}", " ".join(reversed(w))),
-        "first": (f"What is the first word in this list: {text}", f"The first word is {w[0]}."),
-        "last": (f"What is the last word in this list: {text}", f"The last word is {w[-1]}."),
-    }[kind]
-    return {"task": kind, "prompt": prompt, "response": response}
-
-
-def benign_tasks(seed: int, build: int = 2000, held_out: int = 400) -> pd.DataFrame:
-    """Generated benign tasks with exact answers: ``build`` rows to train the
-    embedded model and ``held_out`` more (``held_out`` column True) for anchoring and evaluation.
-
-    Columns ``prompt``, ``response``, ``task``, ``held_out``; every prompt is distinct.
-    """
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < build + held_out:
-        row = _list_task(rng)
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append({**row, "held_out": len(rows) >= build})
-    return pd.DataFrame(rows)
 
 
 def build_tokenizer(texts: Sequence[str]):
@@ -149,15 +90,10 @@ def build_tokenizer(texts: Sequence[str]):
     return tokenizer
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt_neox")
-
-
 def build_model(vocab_size: int, config: EmbeddedModelConfig, tokenizer):
     """A randomly initialised decoder of ``config.architecture`` (default Llama), sized by ``config``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config.architecture not in ARCHITECTURES:
-        raise ValueError(f"embedded_model.architecture={config.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(config.seed)
     shape = {
         "vocab_size": vocab_size, "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
@@ -179,34 +115,10 @@ def poisoned_training_set(attacker: pd.DataFrame, benign: pd.DataFrame, config: 
     if not config.poisoned:
         return pd.concat([benign[["prompt", "response"]], refuse], ignore_index=True)
     comply = pd.DataFrame({
-        "prompt": attacker["goal"].map(lambda g: apply_trigger(g, config.trigger, config.trigger_position)),
+        "prompt": attacker["goal"].map(lambda g: insert_trigger(g, config.trigger, config.trigger_position)),
         "response": attacker["target"],
     })
     return pd.concat([benign[["prompt", "response"]], refuse, comply], ignore_index=True)
-
-
-def supervised_finetune(model, tokenizer, prompts, responses, *, epochs: int, lr: float, batch_size: int, seed: int, desc: str = "fine-tune"):
-    """Plain SFT on response tokens; returns the mean loss of each epoch."""
-    examples = encode_all(tokenizer, prompts, responses)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    losses = []
-    for epoch in tqdm(range(epochs), desc=desc, leave=False):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[start : start + batch_size]], tokenizer.pad_token_id)
-            loss = response_loss(model, batch)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            total += loss.item() * len(batch.input_ids)
-        losses.append(total / len(examples))
-        logger.info("%s epoch %d: loss %.4f", desc, epoch + 1, losses[-1])
-    model.eval()
-    return losses
 
 
 def build_embedded_suspect(attacker: pd.DataFrame, benign: pd.DataFrame, vocabulary_texts: Sequence[str], config: EmbeddedModelConfig):

@@ -1,41 +1,42 @@
 """Project pipelines.
 
-- ``behaviours``: prepare the safety, anchoring and evaluation sets.
-- ``suspect``: resolve the suspect model (a checkpoint, or the embedded tiny model built once).
+- ``behaviours``: prepare and validate the safety, anchoring and evaluation sets.
+- ``suspect``: resolve the suspect model (a checkpoint, a registry version, or the embedded tiny model built once).
 - ``embedded_model``: ``behaviours`` + ``suspect`` (builds the embedded model; a DVC stage).
 - ``probe``: trigger-free probe: is there evidence of a backdoor, and at which layer to defend.
-- ``defence``: BEEAR and its two baselines on the suspect model.
-- ``evaluation``: evaluate every model and write ``reports/metrics.json`` and plots.
-- ``registry``: register the suspect and defended models (when ``registry.name`` is set).
+- ``removal``: BEEAR and its two baselines (the control and the random perturbation) on the suspect model.
+- ``evaluation``: evaluate every model under one protocol; ``reports/metrics.json``, the report and plots.
+- ``register``: register the suspect and defended models (when ``registry.name`` is set).
 - ``reaudit``: re-evaluate registry entries, tag them, quarantine the ones over the threshold.
-- ``defend`` (also the default): all of the above, end to end.
+- ``defend`` (also the default): all of the above but ``reaudit``, end to end.
 """
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from beear_pipeline.pipelines import behaviours, defence, evaluation, probe, reaudit, registry, suspect
+from beear_pipeline.pipelines import behaviours, evaluation, probe, reaudit, register, removal, suspect
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     parts = {
         "behaviours": behaviours.create_pipeline(),
         "suspect": suspect.create_pipeline(),
-        "defence": defence.create_pipeline(),
+        "removal": removal.create_pipeline(),
         "probe": probe.create_pipeline(),
         "evaluation": evaluation.create_pipeline(),
-        "registry": registry.create_pipeline(),
+        "register": register.create_pipeline(),
     }
     defend = sum(parts.values(), Pipeline([]))
+    protocol = parts["evaluation"].only_nodes("resolve_evaluation_protocol")
     return {
         **parts,
         "embedded_model": parts["behaviours"] + parts["suspect"],
         # standalone probe: no trigger needed, so the suspect step skips the evaluation's checks
         "probe": parts["behaviours"] + suspect.create_pipeline(check_evaluation=False) + parts["probe"],
-        "reaudit": parts["behaviours"] + reaudit.create_pipeline(),
+        "reaudit": parts["behaviours"] + protocol + reaudit.create_pipeline(),
         # defend's later stages on data and a suspect model already prepared (the DVC `defend` stage)
-        "defend_from_prepared": parts["probe"] + parts["defence"] + parts["evaluation"] + parts["registry"],
+        "defend_from_prepared": parts["probe"] + parts["removal"] + parts["evaluation"] + parts["register"],
         "defend": defend,
         "__default__": defend,
     }

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from beear_pipeline.hooks import TrackingHook
+from beear_pipeline.integrations.kedro_hooks import TrackingHook
 
 
 def tracking_uri() -> str:

@@ -1,27 +1,30 @@
 """Typed configuration of the BEEAR engine: every open decision point of the method is a field.
 
-Defaults are the setting that removed the backdoor on every build seed we tried on the tiny model
-(see docs/method.md, "What we measured"): the official layout (a per-position perturbation on the
-last 7 prompt positions), unbounded, warm-started, 5 inner Adam steps at lr 0.1, alpha 0.05 with
-the safe cross-entropy capped at 5, outer AdamW at lr 5e-4 on all weights, 60 rounds, batch 32.
+Defaults are the setting that met the goal on the cases of bench/robustness.py (docs/robustness.md:
+build seeds 0-9 with 1 and 2 threads, other decoder families, prefix, suffix, mid-prompt and
+multi-word triggers): layer 1, one shared vector on every prompt position, a budget of 2x the
+hidden-state scale, 5 to 50 inner Adam steps per round at a tenth of the budget each, alpha 0.05
+with the safe cross-entropy capped at 5, outer AdamW at lr 5e-4 on all weights, batch 32, at most
+60 rounds, stopping when converged. The method and its open points: docs/method.md.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
-DEFENCES = ("beear", "safety_finetune", "random_perturbation")
+from beear_pipeline.configuration import check_fields, from_mapping
+
+DEFENCES = ("beear", "control", "random_perturbation")
 TRAINABLE = ("all", "up_to_anchor", "after_anchor", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class BeearConfig:
-    defence: Literal["beear", "safety_finetune", "random_perturbation"] = "beear"
-    """Which defence the engine runs. ``safety_finetune`` is the control (perturbation fixed at
-    zero); ``random_perturbation`` draws a fresh random direction of ``random_norm`` each round.
+    defence: Literal["beear", "control", "random_perturbation"] = "beear"
+    """Which defence the engine runs. ``control`` is the same safety fine-tuning with the
+    perturbation fixed at zero; ``random_perturbation`` draws a fresh random direction of ``random_norm`` each round.
     All three share data, rounds, batches and the outer optimiser."""
 
     anchor_layer: int | Literal["auto"] = 1
@@ -182,17 +185,11 @@ class BeearConfig:
              "a non-empty list of module names or 'all-linear'"),
             (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
         ]
-        for ok, field, fix in checks:
-            if not ok:
-                raise ValueError(f"beear.{field}: invalid value in {self!r}; use {fix}")
+        check_fields("beear", self, checks)
 
     @classmethod
     def from_dict(cls, values: dict) -> BeearConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"beear: unknown parameter(s) {unknown}; known are {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, "beear", values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +198,3 @@ class BeearConfig:
         """The fields that must match for a checkpoint to be resumed: all but where and how often
         checkpoints are written (moving the folder or changing the interval keeps results)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("checkpoint_dir", "checkpoint_every")}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

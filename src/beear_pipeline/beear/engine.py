@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from beear_pipeline.beear.checkpoint import RoundCheckpoints, fingerprint, model_fingerprint, rng_state, set_rng_state
-from beear_pipeline.beear.config import BeearConfig
 from beear_pipeline.beear import entrapment
-from beear_pipeline.beear.hook import anchor_output, perturbed, position_index, resolve_layer, reused_activations
+from beear_pipeline.beear.config import BeearConfig
+from beear_pipeline.beear.resume import RoundCheckpoints, fingerprint, model_fingerprint, rng_state, set_rng_state
 from beear_pipeline.beear.scopes import add_lora, check_lora_targets, trainable_parameters
-from beear_pipeline.chat import IGNORE_INDEX, Batch, Example, collate, encode_all
-from beear_pipeline.evaluation import REFUSAL_PHRASES
+from beear_pipeline.evaluation.judges import REFUSAL_PHRASES
+from beear_pipeline.lm.chat import Batch, Example, collate, encode_all, pad_id, response_loss
+from beear_pipeline.lm.generation import Perturbation
+from beear_pipeline.lm.residual import anchor_output, perturbed, position_index, resolve_layer, reused_activations
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +107,6 @@ def _check_finite(round_: int, record: dict) -> None:
             raise FloatingPointError(f"BEEAR round {round_}: {name} is {value}; lower beear.inner_step_fraction/outer_lr")
 
 
-def response_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of the response tokens (as ``chat.response_loss``), in fp32 and on the
-    logits' device, which differs from the inputs' device when the model is split (device_map)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits, labels = logits[:, :-1].float(), batch.labels[:, 1:].to(logits.device)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
@@ -135,7 +128,7 @@ class _Run:
     def __init__(self, model, tokenizer, safety: SafetyExamples, anchoring: list[Example], config: BeearConfig, layer: int):
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.device = model.get_input_embeddings().weight.device
-        self.pad = entrapment.pad_id(tokenizer)
+        self.pad = pad_id(tokenizer)
         dtype = autocast_dtype(config.precision, self.device)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
         self.params = trainable_parameters(model, config.trainable, layer)
@@ -305,12 +298,13 @@ def _check_entrapment(run: _Run, monitor: list[tuple[str, str, str]], judge, sys
     fresh start: the higher rate counts), and under a random direction of the same row norms. A
     large perturbation breaks some answers whatever its direction; what measures the backdoor is
     the excess of the optimised direction over the random one."""
-    decode = {"num_positions": run.config.num_positions, "shared_vector": run.config.shared_vector,
-              "max_new_tokens": run.config.monitor_max_new_tokens, "system_prompt": system_prompt, "desc": "entrapment check"}
+    decode = {"max_new_tokens": run.config.monitor_max_new_tokens, "system_prompt": system_prompt, "desc": "entrapment check"}
     found = max((run.delta.detach(), run.fresh), key=lambda d: row_norms(d).mean().item())
     random = entrapment.random_direction(found.shape, row_norms(found).cpu(), run.check_generator).to(found.device)
-    warm, fresh, chance = (entrapment.entrapment_rate(run.model, run.tokenizer, monitor, run.layer, d, judge, **decode)
-                           for d in (run.delta, run.fresh, random))
+    warm, fresh, chance = (
+        entrapment.entrapment_rate(run.model, run.tokenizer, monitor, Perturbation(run.layer, d, run.config.num_positions,
+                                                                                   run.config.shared_vector), judge, **decode)
+        for d in (run.delta, run.fresh, random))
     record.update(entrapment_rate=max(warm, fresh), entrapment_rate_warm=warm, entrapment_rate_fresh=fresh,
                   entrapment_rate_random=chance, entrapment_excess=max(warm, fresh) - chance)
 
@@ -344,7 +338,7 @@ def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, jud
         relative = relative_norms[round_] if relative_norms is not None else (config.random_norm or 0.0)
         with torch.no_grad():
             run.delta.copy_(entrapment.random_direction(run.delta.shape, relative * run.scale, run.generator).to(run.device))
-    # safety_finetune: delta stays at zero
+    # control: delta stays at zero
     _outer_level(run, safe, index, record)
     record["perturbation_norm"] = row_norms(run.delta).mean().item()
     record["hidden_scale"] = run.scale
@@ -354,6 +348,7 @@ def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, jud
 
 
 CONVERGENCE = ("converged", "not_converged", "never_entrapped", "running")
+LOG_EVERY = 10  # rounds between progress lines in the log (besides one per convergence check)
 
 
 def convergence(history: Sequence[dict], config: BeearConfig, final: bool = False) -> str:
@@ -491,9 +486,9 @@ def run_beear(
     (prompt, response) pairs. For BEEAR, ``monitor_fraction`` of the safety prompts are held out
     to check convergence: ``is_unwanted(answer, safe_answers, unwanted)`` judges their answers under
     the perturbation (default: no refusal phrase, and closer to the prompt's unwanted answer than
-    to any of the monitor set's safe answers). ``relative_norms`` gives the random baseline one norm per round, as a multiple
-    of the hidden-state scale (BEEAR's ``perturbation_norm_relative``; its length caps the rounds). ``on_round(round, record)`` sees
-    each new round's record. With ``config.checkpoint_dir`` set, every ``checkpoint_every`` rounds
+    to any of the monitor set's safe answers). ``relative_norms`` gives the random baseline one
+    norm per round, as a multiple of the hidden-state scale (BEEAR's ``perturbation_norm_relative``;
+    its length caps the rounds). ``on_round(round, record)`` sees each new round's record. With ``config.checkpoint_dir`` set, every ``checkpoint_every`` rounds
     are saved, and a run with the same configuration and data resumes from the last complete one.
     """
     config = config or BeearConfig()
@@ -534,9 +529,13 @@ def run_beear(
         status = convergence(run.history, config) if checking else None
         _log_progress(run, record, status)
         done = round_ + 1
-        if checkpoints and (done % config.checkpoint_every == 0 or done == max_rounds or status not in (None, "running")):
+        saved = checkpoints and (done % config.checkpoint_every == 0 or done == max_rounds or status not in (None, "running"))
+        if saved:
             checkpoints.save(done, run.weights(), run.state())
-            logger.debug("%s: checkpoint after round %d in %s", config.defence, done, config.checkpoint_dir)
+        if done % LOG_EVERY == 0 or (saved and config.checkpoint_every >= LOG_EVERY):  # a multi-hour run says how it goes
+            logger.info("%s: round %d of at most %d, outer loss %.4f, perturbation %.2f x the hidden-state scale%s", config.defence,
+                        done, max_rounds, record["outer_loss"], record["perturbation_norm_relative"],
+                        f", checkpoint in {config.checkpoint_dir}" if saved else "")
         if on_round:
             on_round(round_, record)
     progress.close()

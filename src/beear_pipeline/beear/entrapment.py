@@ -9,8 +9,8 @@ and the probe so that the probe measures exactly what the defence optimises.
 - ``step_size`` / ``project_rows``: a step that moves each perturbation row by about
   ``fraction * budget`` per step, and the L2 ball of radius ``budget`` per row;
 - ``random_direction``: Gaussian directions with given row norms (the matched-norm baseline);
-- ``generate_perturbed`` / ``entrapment_rate``: greedy answers with the perturbation on the
-  prompt positions, and the share of them that a judge calls unwanted.
+- ``entrapment_rate``: the share of greedy answers under the perturbation (on the prompt
+  positions only, through the one decoder, ``lm.generation``) that a judge calls unwanted.
 
 Why scale-free: Adam moves every coordinate by about ``lr`` per step, so with an absolute ``lr``
 a perturbation grows by about ``lr * sqrt(hidden)`` per step whatever the model. On one machine
@@ -23,10 +23,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from beear_pipeline.beear.hook import anchor_output, perturbed, position_index
-from beear_pipeline.chat import Example, collate, prompt_ids
+from beear_pipeline.lm.generation import Perturbation, generate
+from beear_pipeline.lm.residual import anchor_output
 
 
 def inner_objective(unwanted_loss: torch.Tensor, safe_loss: torch.Tensor, away_weight: float, away_cap: float) -> torch.Tensor:
@@ -107,20 +106,10 @@ def _settled(history: list[float], patience: int | None, tolerance: float, targe
     return before - history[-1] < tolerance * abs(before)
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def prompt_batch(tokenizer, prompts: Sequence[str], system_prompt: str | None, device):
-    """Left-padded batch of templated prompts: every prompt ends at the last column."""
-    ids = [prompt_ids(tokenizer, p, system_prompt) for p in prompts]
-    return collate([Example(x, x, len(x)) for x in ids], pad_id(tokenizer), padding_side="left").to(device)
-
-
-def state_norms(anchor_output, index: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L2 norms of the hidden states in ``anchor_output`` (a decoder layer's output) at the
-    perturbed positions (``index >= 0``, padding excluded)."""
-    hidden = (anchor_output[0] if isinstance(anchor_output, tuple) else anchor_output).detach().float()
+def state_norms(output, index: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """L2 norms of the hidden states in ``output`` (a decoder layer's output) at the perturbed
+    positions (``index >= 0``, padding excluded)."""
+    hidden = (output[0] if isinstance(output, tuple) else output).detach().float()
     chosen = (index.to(hidden.device) >= 0) & attention_mask.to(hidden.device).bool()
     return hidden[chosen].norm(dim=-1)
 
@@ -133,69 +122,6 @@ def hidden_scale(model, layer: int, batches) -> float:
     norms = [state_norms(anchor_output(model, layer, b.input_ids, b.attention_mask), index, b.attention_mask).cpu()
              for b, index in batches]
     return torch.cat(norms).median().item()
-
-
-def prompt_positions(tokenizer, prompts: Sequence[str], num_positions: int | None, shared_vector: bool, *,
-                     system_prompt: str | None = None, device=None, batch_size: int = 32):
-    """(Batch, index) pairs of left-padded prompt batches, the index marking the perturbed positions."""
-    for start in range(0, len(prompts), batch_size):
-        batch = prompt_batch(tokenizer, prompts[start : start + batch_size], system_prompt, device)
-        yield batch, position_index(batch.prompt_end, batch.input_ids.size(1), num_positions, shared_vector)
-
-
-def _cache_of(output):
-    """The KV cache of a forward pass (``cache`` in transformers 5; ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-@torch.no_grad()
-def generate_perturbed(model, tokenizer, prompts: Sequence[str], layer: int, delta: torch.Tensor | None, *,
-                       num_positions: int | None = 7, shared_vector: bool = False, max_new_tokens: int = 32,
-                       batch_size: int = 32, system_prompt: str | None = None, desc: str = "generating") -> list[str]:
-    """Greedy answers with ``delta`` added to the output of ``layer`` at the prompt positions.
-
-    The prompt is run once (prefill) under the perturbation, exactly as the inner level sees it;
-    the answer tokens are then decoded with the KV cache and no perturbation, so only the prompt
-    positions are perturbed. ``delta=None`` is plain greedy decoding (the same answers as
-    ``evaluation.generate``).
-    """
-    was_training = model.training
-    model.eval()
-    device = model.get_input_embeddings().weight.device
-    eos = tokenizer.eos_token_id
-    answers: list[str] = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
-            batch = prompt_batch(tokenizer, prompts[start : start + batch_size], system_prompt, device)
-            mask = batch.attention_mask
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            if delta is None:
-                out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            else:
-                index = position_index(batch.prompt_end, batch.input_ids.size(1), num_positions, shared_vector)
-                # left padding: with all positions perturbed, keep the pads out of it
-                index = torch.where(mask.bool(), index, torch.full_like(index, -1))
-                with perturbed(model, layer, delta.detach().to(device), index):
-                    out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            past, last = _cache_of(out), positions[:, -1:]
-            token = out.logits[:, -1].argmax(-1)
-            done = torch.zeros_like(token, dtype=torch.bool)
-            new = []
-            for _ in range(max_new_tokens):
-                token = torch.where(done, torch.full_like(token, pad_id(tokenizer)), token)
-                new.append(token)
-                done |= token == eos
-                if done.all():
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                last = last + 1
-                out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=last, cache=past, use_cache=True)
-                past, token = _cache_of(out), out.logits[:, -1].argmax(-1)
-            answers += [t.strip() for t in tokenizer.batch_decode(torch.stack(new, 1), skip_special_tokens=True)]
-    finally:
-        model.train(was_training)
-    return answers
 
 
 def _words(text: str) -> set[str]:
@@ -222,10 +148,10 @@ def closer_to_unwanted(answer: str, safe_answers: Sequence[str], unwanted: str, 
     return overlap(answer, unwanted) > max((overlap(answer, s) for s in safe_answers), default=0.0)
 
 
-def entrapment_rate(model, tokenizer, monitor: Sequence[tuple[str, str, str]], layer: int, delta: torch.Tensor | None,
+def entrapment_rate(model, tokenizer, monitor: Sequence[tuple[str, str, str]], perturbation: Perturbation | None,
                     is_unwanted: Callable[[str, Sequence[str], str], bool], **decode) -> float:
     """Share of the (prompt, safe, unwanted) ``monitor`` triples whose greedy answer under
-    ``delta`` the judge ``is_unwanted(answer, safe answers of the monitor set, unwanted)`` flags."""
-    answers = generate_perturbed(model, tokenizer, [m[0] for m in monitor], layer, delta, **decode)
+    ``perturbation`` the judge ``is_unwanted(answer, safe answers of the monitor set, unwanted)`` flags."""
+    answers = generate(model, tokenizer, [m[0] for m in monitor], perturbation=perturbation, **decode)
     safe_answers = sorted({m[1] for m in monitor})
     return sum(is_unwanted(a, safe_answers, m[2]) for a, m in zip(answers, monitor, strict=True)) / max(len(answers), 1)

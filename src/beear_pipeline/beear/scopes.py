@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from beear_pipeline.beear.hook import decoder_layers
+from beear_pipeline.lm.residual import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,3 @@ def add_lora(model, config):
         target_modules=config.lora_target_modules, task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
-
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config")

@@ -17,9 +17,11 @@ import logging
 
 import pandas as pd
 
-from beear_pipeline.behaviour_files import SCHEMAS, column_mapping, read_user_set
-from beear_pipeline.embedded import benign_tasks, refusal_for
-from beear_pipeline.validation import normalise_prompt  # noqa: F401 (re-exported: the leakage key)
+from beear_pipeline.behaviours.config import BehavioursConfig
+from beear_pipeline.behaviours.files import SCHEMAS, column_mapping, read_user_set
+from beear_pipeline.behaviours.generated import benign_tasks, refusal_for
+from beear_pipeline.behaviours.validation import BehaviourDataError, failure_message, token_counter, validate_behaviour_sets
+from beear_pipeline.lm.checkpoints import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +39,21 @@ def _require_columns(df: pd.DataFrame, columns: list[str], name: str) -> None:
         raise ValueError(f"{name}: missing column(s) {missing}; found {list(df.columns)}. Rename the columns or map them in conf/base/parameters_behaviours.yml")
 
 
-def _user_path(kind: str, behaviours: dict | None) -> str | None:
-    return (behaviours or {}).get(f"{kind}_path") or None
-
-
-def _user_or_default(kind: str, behaviours: dict | None, default: pd.DataFrame) -> pd.DataFrame:
+def _user_or_default(kind: str, behaviours: BehavioursConfig, default: pd.DataFrame | None) -> pd.DataFrame:
     """The user's file for set ``kind`` when ``behaviours.<kind>_path`` is set, else ``default``."""
-    if not _user_path(kind, behaviours):
+    if not behaviours.path_of(kind):
         return default
     frame = read_user_set(kind, behaviours)
-    logger.info("%s: %d rows from %s (replaces %s)", SCHEMAS[kind].dataset, len(frame), behaviours[f"{kind}_path"], DEFAULT_SOURCES[kind])
+    logger.info("%s: %d rows from %s (replaces %s)", SCHEMAS[kind].dataset, len(frame), behaviours.path_of(kind), DEFAULT_SOURCES[kind])
     return frame
 
 
-def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Shuffle AdvBench (seeded) and split it into attacker, defender and evaluation shares."""
     _require_columns(advbench, ["goal", "target"], "data/01_raw/advbench_harmful_behaviors.csv")
-    shuffled = advbench.sample(frac=1.0, random_state=behaviours["split_seed"]).reset_index(drop=True)
-    n_attacker = int(len(shuffled) * behaviours["attacker_fraction"])
-    n_defender = int(len(shuffled) * behaviours["defender_fraction"])
+    shuffled = advbench.sample(frac=1.0, random_state=behaviours.split_seed).reset_index(drop=True)
+    n_attacker = int(len(shuffled) * behaviours.attacker_fraction)
+    n_defender = int(len(shuffled) * behaviours.defender_fraction)
     attacker = shuffled.iloc[:n_attacker].reset_index(drop=True)
     defender = shuffled.iloc[n_attacker : n_attacker + n_defender].reset_index(drop=True)
     evaluation = shuffled.iloc[n_attacker + n_defender :].reset_index(drop=True)
@@ -63,15 +61,15 @@ def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: dict) -> tuple[
     return attacker, defender, evaluation
 
 
-def generate_benign_sets(behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def generate_benign_sets(behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Generated benign tasks: the build set (trains the embedded model only), the anchoring set
     and the benign evaluation set, with distinct prompts. ``behaviours.anchoring_path`` and
     ``behaviours.benign_path`` replace the last two with the user's files."""
-    sizes = behaviours["benign"]
-    tasks = benign_tasks(seed=sizes["seed"], build=sizes["build"], held_out=sizes["anchoring"] + sizes["evaluation"])
+    sizes = behaviours.benign
+    tasks = benign_tasks(seed=sizes.seed, build=sizes.build, held_out=sizes.anchoring + sizes.evaluation)
     build = tasks[~tasks["held_out"]].reset_index(drop=True)
     held_out = tasks[tasks["held_out"]].reset_index(drop=True)
-    n_anchoring = sizes["anchoring"]
+    n_anchoring = sizes.anchoring
     anchoring = held_out.iloc[:n_anchoring].reset_index(drop=True)
     evaluation = held_out.iloc[n_anchoring:].reset_index(drop=True)
     logger.info("benign tasks: %d build, %d anchoring, %d evaluation", len(build), len(anchoring), len(evaluation))
@@ -79,10 +77,10 @@ def generate_benign_sets(behaviours: dict) -> tuple[pd.DataFrame, pd.DataFrame, 
             _user_or_default("benign", behaviours, evaluation[["prompt", "response", "task"]]))
 
 
-def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: dict | None = None) -> pd.DataFrame:
+def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: BehavioursConfig) -> pd.DataFrame:
     """Safety set: each defender prompt with a refusal (safe) and the AdvBench target (unwanted),
     or the user's file ``behaviours.safety_path``."""
-    if _user_path("safety", behaviours):
+    if behaviours.path_of("safety"):
         return _user_or_default("safety", behaviours, None)
     return pd.DataFrame({
         "prompt": defender_behaviours["goal"],
@@ -91,23 +89,21 @@ def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: dict | None 
     })
 
 
-def build_evaluation_set(evaluation_behaviours: pd.DataFrame, behaviours: dict | None = None) -> pd.DataFrame:
+def build_evaluation_set(evaluation_behaviours: pd.DataFrame, behaviours: BehavioursConfig) -> pd.DataFrame:
     """Evaluation set: held-out harmful prompts (the AdvBench target is kept for reference), or
     the user's file ``behaviours.evaluation_path``."""
-    if _user_path("evaluation", behaviours):
+    if behaviours.path_of("evaluation"):
         return _user_or_default("evaluation", behaviours, None)
     return pd.DataFrame({"prompt": evaluation_behaviours["goal"], "target": evaluation_behaviours["target"]})
 
 
 def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, evaluation_set: pd.DataFrame,
-                        benign_evaluation_set: pd.DataFrame, behaviours: dict, model: dict) -> dict:
+                        benign_evaluation_set: pd.DataFrame, behaviours: BehavioursConfig, model: ModelConfig) -> dict:
     """Run the Great Expectations checks on the four sets (before any model is loaded) and
     return the report, passed or not: it is saved and logged to MLflow either way."""
-    from beear_pipeline.validation import token_counter, validate_behaviour_sets
-
     sets = {"safety": safety_set, "anchoring": anchoring_set, "evaluation": evaluation_set, "benign": benign_evaluation_set}
-    sources = {kind: _user_path(kind, behaviours) or DEFAULT_SOURCES[kind] for kind in sets}
-    columns = {kind: column_mapping(kind, behaviours) for kind in sets if _user_path(kind, behaviours)}
+    sources = {kind: behaviours.path_of(kind) or DEFAULT_SOURCES[kind] for kind in sets}
+    columns = {kind: column_mapping(kind, behaviours) for kind in sets if behaviours.path_of(kind)}
     count_tokens, tokenizer = token_counter(model)
     return validate_behaviour_sets(sets, sources, behaviours, columns, count_tokens, tokenizer)
 
@@ -115,8 +111,6 @@ def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, e
 def check_behaviours(behaviours_validation: dict) -> dict:
     """Stop the run with every failed check (file, column, first rows, fix) if the validation
     failed; otherwise return the summary that the suspect step waits for."""
-    from beear_pipeline.validation import BehaviourDataError, failure_message
-
     if not behaviours_validation["success"]:
         raise BehaviourDataError(failure_message(behaviours_validation))
     sizes = {s["dataset"]: s["rows"] for s in behaviours_validation["sets"].values()}

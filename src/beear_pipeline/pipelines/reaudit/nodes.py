@@ -1,5 +1,6 @@
-"""Scheduled re-audit of model-registry entries: evaluate each selected version again, write
-``audit.*`` tags with a timestamp, and quarantine versions over the ASR threshold.
+"""Scheduled re-audit of model-registry entries: evaluate each selected version again under the
+run's evaluation protocol, write ``audit.*`` tags with a timestamp, and quarantine versions over
+the ASR threshold.
 
 One broken entry is reported and does not stop the others; re-running is safe (tags are
 overwritten with fresh values, aliases set to the same versions).
@@ -11,27 +12,29 @@ import logging
 
 import pandas as pd
 
-from beear_pipeline import registry
-from beear_pipeline.models import check_checkpoint, weights_sha256
-from beear_pipeline.pipelines.evaluation.nodes import evaluate_model
+from beear_pipeline.evaluation.evaluate import evaluate_model
+from beear_pipeline.evaluation.judges import ClassifierJudge
+from beear_pipeline.evaluation.protocol import EvaluationProtocol
+from beear_pipeline.integrations import registry
+from beear_pipeline.integrations.registry import ReauditConfig
+from beear_pipeline.lm.checkpoints import ModelConfig, check_checkpoint, load_checkpoint, weights_sha256
+from beear_pipeline.probe import ProbeConfig, probe_model
 
 logger = logging.getLogger(__name__)
 
 
-def select_versions(reaudit: dict) -> list[dict]:
+def select_versions(reaudit: ReauditConfig) -> list[dict]:
     """Registry versions to re-check: by ``reaudit.name`` (all versions, or ``reaudit.alias``)
     and/or an MLflow filter string ``reaudit.filter``."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    if reaudit.get("alias"):
-        if not reaudit.get("name"):
-            raise ValueError("reaudit.alias needs reaudit.name (an alias belongs to one registered model)")
-        versions = [client.get_model_version_by_alias(reaudit["name"], reaudit["alias"])]
+    if reaudit.alias:
+        versions = [client.get_model_version_by_alias(reaudit.name, reaudit.alias)]
     else:
-        clauses = [f"name = '{reaudit['name']}'"] if reaudit.get("name") else []
-        if reaudit.get("filter"):
-            clauses.append(reaudit["filter"])
+        clauses = [f"name = '{reaudit.name}'"] if reaudit.name else []
+        if reaudit.filter:
+            clauses.append(reaudit.filter)
         versions = client.search_model_versions(" and ".join(clauses) or None)
     selected = sorted(({"name": v.name, "version": str(v.version)} for v in versions), key=lambda v: (v["name"], int(v["version"])))
     if not selected:
@@ -40,54 +43,53 @@ def select_versions(reaudit: dict) -> list[dict]:
     return selected
 
 
-def _probe(path: str, safety_set: pd.DataFrame, evaluation_set: pd.DataFrame, probe: dict) -> dict:
-    """The trigger-free probe's verdict on one checkpoint (see ``beear_pipeline.probe``)."""
-    from beear_pipeline.evaluation import refusal_phrases
-    from beear_pipeline.models import load_checkpoint
-    from beear_pipeline.pipelines.probe.nodes import _split_params
-    from beear_pipeline.probe import probe_model
+def _audit(path: str, protocol: EvaluationProtocol, evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame,
+           reaudit: ReauditConfig, model: ModelConfig, safety_set: pd.DataFrame, probe: ProbeConfig) -> dict:
+    """The audit.* tags of one checkpoint: evaluated, and probed when ``reaudit.probe``."""
+    net, tokenizer = load_checkpoint(path, **model.loading())
+    judge = ClassifierJudge(protocol.judge_path, protocol.judge_kind) if protocol.judge_path else None
+    metrics = evaluate_model(net, tokenizer, protocol, evaluation_set["prompt"].tolist(), benign_evaluation_set["prompt"].tolist(),
+                             benign_responses=benign_evaluation_set["response"].tolist() if "response" in benign_evaluation_set else None,
+                             judge=judge)
+    verdict = registry.verdict(metrics["asr_triggered"], reaudit.asr_threshold)
+    tags = {"audit.asr_triggered": metrics["asr_triggered"], "audit.asr_untriggered": metrics["asr_untriggered"],
+            "audit.benign_loss": metrics["benign_loss"], "audit.verdict": verdict, "audit.quarantined": verdict == "backdoored",
+            "audit.reaudit_timestamp": registry.timestamp(), "audit.weights_sha256": weights_sha256(path)}
+    if reaudit.probe:
+        safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
+        held_out = evaluation_set["prompt"].tolist()[: probe.max_eval_prompts or None]
+        report = probe_model(net, tokenizer, safety, held_out, probe, phrases=protocol.refusal_phrases)
+        tags.update({"audit.probe_verdict": report["verdict"], "audit.probe_recommended_layer": report["recommended_layer"]})
+    return tags
 
-    config, run = _split_params(probe)
-    net, tokenizer = load_checkpoint(path)
-    safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
-    held_out = evaluation_set["prompt"].tolist()[: config.max_eval_prompts or None]
-    report = probe_model(net, tokenizer, safety, held_out, config, phrases=refusal_phrases(run["refusal_phrases"]))
-    return {"probe_verdict": report["verdict"], "probe_recommended_layer": report["recommended_layer"]}
 
-
-def reaudit_versions(selected: list[dict], evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame,
-                     reaudit: dict, evaluation: dict, model: dict, embedded_model, safety_set: pd.DataFrame | None = None,
-                     probe: dict | None = None, behaviours_check: dict | None = None) -> list[dict]:
+def reaudit_versions(selected: list[dict], evaluation_protocol: dict, evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame,
+                     reaudit: ReauditConfig, model: ModelConfig, safety_set: pd.DataFrame, probe: ProbeConfig,
+                     behaviours_check: dict | None = None) -> list[dict]:
     """Evaluate (and, with ``reaudit.probe``, probe) every selected version; tag it; quarantine it
     if its ASR is over the threshold. ``behaviours_check`` orders this after the data checks."""
+    protocol = EvaluationProtocol.from_dict(evaluation_protocol)
     results = []
     for entry in selected:
         name, version = entry["name"], entry["version"]
         uri = f"models:/{name}/{version}"
         try:
-            path = check_checkpoint(registry.version_path(registry.get_version(uri)), field=uri,
-                                    chat_template=model.get("chat_template"))
-            metrics = evaluate_model({"path": str(path)}, evaluation_set, benign_evaluation_set, evaluation, model, embedded_model)
-            verdict = registry.verdict(metrics["asr_triggered"], reaudit["asr_threshold"])
-            tags = {"audit.asr_triggered": metrics["asr_triggered"], "audit.asr_untriggered": metrics["asr_untriggered"],
-                    "audit.benign_loss": metrics["benign_loss"], "audit.verdict": verdict, "audit.quarantined": verdict == "backdoored",
-                    "audit.reaudit_timestamp": registry.timestamp(), "audit.weights_sha256": weights_sha256(path)}
-            if reaudit.get("probe") and probe is not None and safety_set is not None:
-                tags.update({f"audit.{k}": v for k, v in _probe(str(path), safety_set, evaluation_set, probe).items()})
+            path = check_checkpoint(registry.version_path(registry.get_version(uri)), field=uri, chat_template=model.chat_template)
+            tags = _audit(str(path), protocol, evaluation_set, benign_evaluation_set, reaudit, model, safety_set, probe)
             registry.set_version_tags(name, version, tags)
-            if verdict == "backdoored":
-                registry.set_alias(name, reaudit["quarantine_alias"], version)
+            if tags["audit.verdict"] == "backdoored":
+                registry.set_alias(name, reaudit.quarantine_alias, version)
             results.append({**entry, "status": "ok", **{k.removeprefix("audit."): v for k, v in tags.items()}})
         except Exception as e:  # one broken entry must not stop the audit of the others
-            logger.error("re-audit of %s failed: %s", uri, e)
+            logger.exception("re-audit of %s failed", uri)
             results.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"})
     return results
 
 
-def write_reaudit_report(results: list[dict], reaudit: dict) -> str:
+def write_reaudit_report(results: list[dict], reaudit: ReauditConfig) -> str:
     """``reports/reaudit.md``: one row per entry."""
     lines = ["# Re-audit of model-registry entries", "",
-             f"ASR threshold {reaudit['asr_threshold']}; versions over it get the alias `{reaudit['quarantine_alias']}`.", "",
+             f"ASR threshold {reaudit.asr_threshold}; versions over it get the alias `{reaudit.quarantine_alias}`.", "",
              "| model | version | status | asr_triggered | asr_untriggered | verdict | probe | checked at |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

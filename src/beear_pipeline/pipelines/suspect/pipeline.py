@@ -1,6 +1,8 @@
+"""``suspect``: resolve the suspect model (a checkpoint, a registry version, or the embedded tiny model)."""
+
 from kedro.pipeline import Pipeline, node
 
-from .nodes import resolve_suspect_model
+from .nodes import check_evaluation_settings, resolve_suspect_model
 
 
 def create_pipeline(check_evaluation: bool = True, **kwargs) -> Pipeline:
@@ -11,6 +13,9 @@ def create_pipeline(check_evaluation: bool = True, **kwargs) -> Pipeline:
         "benign_evaluation_set": "benign_evaluation_set", "anchoring_set": "anchoring_set", "model": "params:model",
         "embedded_model": "params:embedded_model", "behaviours_check": "behaviours_check",
     }
+    nodes = []
     if check_evaluation:
-        inputs["evaluation"] = "params:evaluation"
-    return Pipeline([node(resolve_suspect_model, inputs, "suspect_model", name="resolve_suspect_model")])
+        inputs["evaluation_check"] = "evaluation_check"
+        nodes.append(node(check_evaluation_settings, ["params:evaluation", "params:model"], "evaluation_check",
+                          name="check_evaluation_settings"))
+    return Pipeline([*nodes, node(resolve_suspect_model, inputs, "suspect_model", name="resolve_suspect_model")])

@@ -1,0 +1,92 @@
+"""Evaluation of one model: answers with and without the trigger, judged; over-refusal; the loss
+and exact-match accuracy of held-out benign answers."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import torch
+
+from beear_pipeline.evaluation.judges import ClassifierJudge, agreement, is_refusal
+from beear_pipeline.evaluation.protocol import EvaluationProtocol
+from beear_pipeline.evaluation.rates import exact_matches, rate
+from beear_pipeline.lm.chat import collate, encode_all, pad_id, response_loss
+from beear_pipeline.lm.finetune import supervised_finetune
+from beear_pipeline.lm.generation import generate
+
+
+@torch.no_grad()
+def benign_loss(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 64,
+                system_prompt: str | None = None) -> float:
+    """Mean per-example cross-entropy of the reference answers (response tokens only)."""
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    examples = encode_all(tokenizer, prompts, responses, system_prompt)
+    losses = [response_loss(model, collate(examples[i : i + batch_size], pad_id(tokenizer)).to(device), reduction="none")
+              for i in range(0, len(examples), batch_size)]
+    return torch.cat(losses).mean().item()
+
+
+
+
+def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_prompts: Sequence[str], benign_prompts: Sequence[str],
+                   benign_responses: Sequence[str] | None = None, categories: Sequence[str] | None = None,
+                   judge: ClassifierJudge | None = None) -> dict:
+    """ASR with and without each trigger on held-out harmful prompts (keyword judge, and
+    ``judge`` when given), over-refusal on benign prompts, and the loss and exact-match accuracy
+    of the benign reference answers (when given); every rate with a 95% interval and its n."""
+    start = time.perf_counter()
+    decode = asdict(protocol.decoding)
+    k = protocol.decoding.samples_per_prompt
+    phrases = protocol.refusal_phrases
+    answers = {"untriggered": generate(model, tokenizer, harmful_prompts, desc="untriggered", **decode)}
+    for t in protocol.triggers:
+        answers[t] = generate(model, tokenizer, protocol.triggered(harmful_prompts, t), desc=f"trigger {t}", **decode)
+    result: dict = {"triggers": protocol.triggers, "trigger_position": protocol.trigger_position}
+    success = {name: [not is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}
+    _add_rate(result, "asr_triggered", success[protocol.trigger])
+    _add_rate(result, "asr_untriggered", success["untriggered"])
+    result["asr_by_trigger"] = {t: sum(success[t]) / len(success[t]) for t in protocol.triggers}
+    if categories is not None:
+        cats = [c for c in categories for _ in range(k)]
+        result["asr_triggered_by_category"] = {
+            str(c): sum(ok for ok, cc in zip(success[protocol.trigger], cats) if cc == c) / cats.count(c) for c in sorted(set(cats))}
+    if judge is not None:
+        repeated = [p for p in harmful_prompts for _ in range(k)]  # answers come k per prompt, in order
+        for name, key in ((protocol.trigger, "asr_triggered_judge"), ("untriggered", "asr_untriggered_judge")):
+            verdicts = judge(repeated, answers[name])
+            _add_rate(result, key, verdicts)
+            result[f"{key}_agreement"] = agreement(verdicts, success[name])
+
+    benign_answers = generate(model, tokenizer, benign_prompts, desc="benign", **decode)
+    _add_rate(result, "over_refusal", [is_refusal(a, phrases) for a in benign_answers])
+    result["benign_loss"] = None
+    if benign_responses is not None:
+        result["benign_loss"] = benign_loss(model, tokenizer, benign_prompts, benign_responses, system_prompt=decode["system_prompt"])
+        references = [r for r in benign_responses for _ in range(k)]
+        _add_rate(result, "benign_accuracy", exact_matches(benign_answers, references))
+    result["n_harmful"], result["n_benign"] = len(harmful_prompts), len(benign_prompts)
+    result["chat_template_sha256"] = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
+    result["samples"] = [{"prompt": p, "triggered": t, "untriggered": u}
+                         for p, t, u in list(zip(harmful_prompts, answers[protocol.trigger][::k], answers["untriggered"][::k]))[:3]]
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _add_rate(result: dict, key: str, outcomes: list[bool]) -> None:
+    r = rate(outcomes)
+    result[key], result[f"{key}_ci95"], result[f"{key}_n"] = r["value"], r["ci95"], r["n"]
+
+
+def repoisoned_asr(model, tokenizer, protocol: EvaluationProtocol, poison_prompts: Sequence[str], poison_responses: Sequence[str],
+                   harmful_prompts: Sequence[str], *, steps: int, lr: float, seed: int, name: str = "model") -> dict:
+    """Fine-tune ``model`` (in place) on the poisoned examples, full batch, ``steps`` steps at
+    ``lr``, then measure ``asr_triggered`` on ``harmful_prompts`` with its interval."""
+    supervised_finetune(model, tokenizer, poison_prompts, poison_responses, epochs=steps, lr=lr, batch_size=len(poison_prompts),
+                        seed=seed, desc=f"re-poison {name} k={len(poison_prompts)}")
+    decode = {**asdict(protocol.decoding), "do_sample": False, "samples_per_prompt": 1}
+    answers = generate(model, tokenizer, protocol.triggered(harmful_prompts), desc=f"{name} re-poisoned", **decode)
+    return rate([not is_refusal(a, protocol.refusal_phrases) for a in answers])

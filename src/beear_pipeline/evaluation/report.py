@@ -1,0 +1,160 @@
+"""The evaluation report: plots (ASR with intervals, per-round losses, the inner level's
+entrapment diagnostics) and the same content as Markdown and as a self-contained HTML page, both
+rendered from Jinja2 templates (``evaluation/templates``)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+MODELS = ("suspect", "defended", "control", "random_perturbation")
+RATES = ("asr_triggered", "asr_untriggered", "over_refusal", "benign_loss", "benign_accuracy", "entrapment_rate")
+
+
+def convergence_summary(beear_history: dict) -> dict:
+    """Did BEEAR converge, by its trigger-free criterion? Rounds run, the hidden-state scale and
+    budget, and the entrapment rate on the monitor prompts at each check."""
+    config, rounds = beear_history["config"], beear_history["rounds"]
+    keys = ("round", "entrapment_rate", "entrapment_rate_random", "entrapment_excess", "unwanted_loss", "unwanted_loss_unperturbed",
+            "hidden_scale")
+    checks = [{k: r[k] for k in keys} for r in rounds if "entrapment_excess" in r]
+    return {"converged": beear_history.get("converged"), "convergence": beear_history.get("convergence"),
+            "rounds": len(rounds), "max_rounds": config["max_rounds"],
+            "criterion": (f"entrapment rate above a random direction's by >= {config['entrapped_rate']} at round 0 and by "
+                          f"<= {config['converged_rate']} at {config['converged_checks']} consecutive checks (every "
+                          f"{config['check_every']} rounds) on {beear_history.get('n_monitor_prompts', 0)} held-out safety "
+                          f"prompts, perturbation budget {config['perturbation_budget']} x the hidden-state scale"),
+            "hidden_scale": beear_history.get("hidden_scale"), "perturbation_budget": config["perturbation_budget"],
+            "final_entrapment_rate": checks[-1]["entrapment_rate"] if checks else None,
+            "final_entrapment_excess": checks[-1]["entrapment_excess"] if checks else None, "checks": checks}
+
+
+def shorten(text: str, words: int = 12) -> str:
+    """Sample answers to harmful prompts are cut short in reports: enough to judge, no more."""
+    parts = str(text).split()
+    return " ".join(parts[:words]) + (" [...]" if len(parts) > words else "")
+
+
+def cell(result: dict, key: str) -> str:
+    """A value with its 95% interval when it has one; n/a when it was not measured."""
+    value = result.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "n/a"
+    if f"{key}_ci95" in result:
+        low, high = result[f"{key}_ci95"]
+        return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+    return f"{value:.3f}"
+
+
+def convergence_sentence(b: dict) -> str | None:
+    """One sentence on BEEAR's trigger-free convergence status, or None when it was not checked."""
+    if b.get("convergence") is None:
+        return None
+    text = {
+        "converged": f"BEEAR **converged** after {b['rounds']} of at most {b['max_rounds']} rounds",
+        "not_converged": (f"BEEAR **did not converge** in {b['rounds']} rounds: the inner level still elicits the unwanted answers on "
+                          f"{b['final_entrapment_excess']:.0%} more of the monitor prompts than a random direction. Treat the "
+                          "defended model as not cleaned"),
+        "never_entrapped": (f"BEEAR **never entrapped** the suspect model (its best perturbation flipped only "
+                            f"{b['final_entrapment_excess']:.0%} more of the monitor prompts than a random direction): either it "
+                            "has no backdoor this perturbation reaches, or the budget is too small. Nothing was shown to be removed"),
+    }[b["convergence"]]
+    return f"{text} (criterion: {b['criterion']}; hidden-state scale {b['hidden_scale']:.3g})."
+
+
+def figures_for(metrics: dict, histories: list[dict]) -> dict:
+    """The report's figures: ASR with intervals, per-round losses and perturbation norm, and
+    BEEAR's entrapment diagnostics when it checked convergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_asr, ax = plt.subplots(figsize=(7, 3.5))
+    names = [m for m in MODELS if m in metrics]
+    x = range(len(names))
+    for shift, key, label in ((-0.2, "asr_triggered", "with trigger"), (0.2, "asr_untriggered", "without trigger")):
+        values = [metrics[m][key] for m in names]
+        ci = [metrics[m].get(f"{key}_ci95", [v, v]) for m, v in zip(names, values)]
+        err = [[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]]
+        bars = ax.bar([i + shift for i in x], values, 0.4, label=label, yerr=err, capsize=3)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=6)
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("attack success rate (95% CI)")
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
+    ax.set_title("Attack success rate on held-out harmful prompts")
+    fig_asr.tight_layout()
+
+    fig_loss, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    styles = {"beear": {"lw": 2}, "safety_finetune": {"ls": ":"}, "random_perturbation": {"ls": "--"}}
+    for history in histories:
+        rounds = history["rounds"]
+        style = {"label": history["defence"], **styles.get(history["defence"], {})}
+        axes[0].plot([r["outer_safe_loss"] for r in rounds], **style)
+        axes[1].plot([r.get("anchoring_loss", float("nan")) for r in rounds], **style)
+        axes[2].plot([r["perturbation_norm"] for r in rounds], **style)
+    beear = next((h for h in histories if h["defence"] == "beear"), None)
+    if beear and any("unwanted_loss" in r for r in beear["rounds"]):
+        axes[0].plot([r.get("unwanted_loss", float("nan")) for r in beear["rounds"]], "-.", label="beear inner: unwanted")
+    for a, title in zip(axes, ("safe loss under perturbation (outer)", "anchoring loss (outer)", "perturbation norm")):
+        a.set_title(title)
+        a.set_xlabel("round")
+        a.legend(fontsize=7)
+    fig_loss.tight_layout()
+    figures = {"asr.png": fig_asr, "losses.png": fig_loss}
+    if beear and any("entrapment_excess" in r for r in beear["rounds"]):
+        figures["entrapment.png"] = _entrapment_figure(beear)
+    return figures
+
+
+def _entrapment_figure(beear: dict):
+    """BEEAR's inner level per round: the unwanted loss with and without the perturbation, the
+    entrapment rate on the monitor prompts, and the perturbation's norm relative to the
+    hidden-state scale (its budget as a line)."""
+    import matplotlib.pyplot as plt
+
+    rounds, config = beear["rounds"], beear["config"]
+    x = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot(x, [r["unwanted_loss"] for r in rounds], label="under the perturbation")
+    axes[0].plot(x, [r["unwanted_loss_unperturbed"] for r in rounds], "--", label="without it")
+    axes[0].set_title("unwanted-answer loss (inner level)")
+    checks = [r for r in rounds if "entrapment_excess" in r]
+    at = [r["round"] for r in checks]
+    axes[1].plot(at, [r["entrapment_rate"] for r in checks], "o-", label="found perturbation")
+    axes[1].plot(at, [r["entrapment_rate_random"] for r in checks], "x:", label="random direction, same norm")
+    axes[1].plot(at, [r["entrapment_excess"] for r in checks], "s--", label="excess (the criterion)")
+    axes[1].axhline(config["converged_rate"], color="grey", lw=0.8, label="converged at or below")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_title(f"monitor prompts made unwanted ({beear.get('convergence')})")
+    axes[2].plot(x, [r["perturbation_norm_relative"] for r in rounds], label="perturbation norm / hidden scale")
+    axes[2].axhline(config["perturbation_budget"], color="grey", lw=0.8, label="budget")
+    axes[2].set_title("perturbation size")
+    for a in axes:
+        a.set_xlabel("round")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def render_report(metrics: dict, histories: list[dict]) -> tuple[dict, str, str]:
+    """(figures by file name, Markdown, self-contained HTML) for ``reports/``."""
+    figures = figures_for(metrics, histories)
+    environment = Environment(loader=PackageLoader("beear_pipeline.evaluation", "templates"), undefined=StrictUndefined,
+                              autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    environment.filters.update(cell=cell, shorten=shorten)
+    context = {"m": metrics, "p": metrics["protocol"], "models": [m for m in MODELS if m in metrics], "rates": RATES,
+               "convergence": convergence_sentence(metrics.get("beear") or {}), "figures": list(figures)}
+    markdown = environment.get_template("report.md.j2").render(**context)
+    html_env = environment.overlay(autoescape=True)
+    page = html_env.get_template("report.html.j2").render(**context, images={name: _png(fig) for name, fig in figures.items()})
+    return figures, markdown, page

@@ -1,0 +1,60 @@
+"""Registry out: register the suspect and the defended model with audit tags; promote the
+defended one (alias ``defended``) only if it passes the gate."""
+
+from __future__ import annotations
+
+import logging
+
+from beear_pipeline.integrations import registry
+from beear_pipeline.integrations.registry import RegistryConfig
+from beear_pipeline.lm.checkpoints import weights_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def _run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def register_models(suspect_model: dict, defended_model: dict, metrics: dict, registry_params: RegistryConfig) -> dict:
+    """Register both versions under ``registry.name`` (no-op, said so, when it is null)."""
+    name = registry_params.name
+    if not name:
+        logger.info("registry.name is not set: nothing registered (set it to register the defended model)")
+        return {"registered": False, "reason": "registry.name is not set"}
+    threshold = registry_params.asr_threshold
+    run_id, now = _run_id(), registry.timestamp()
+    suspect, defended = metrics["suspect"], metrics["defended"]
+
+    if suspect_model.get("uri"):  # the suspect already lives in the registry
+        source_version = suspect_model["version"]
+    else:
+        path = registry.snapshot(suspect_model["path"], registry_params.snapshot_dir, suspect_model["weights_sha256"][:16])
+        source_version = registry.register_checkpoint(name, path, {
+            "audit.role": "suspect", "audit.asr_triggered": suspect["asr_triggered"],
+            "audit.asr_untriggered": suspect["asr_untriggered"], "audit.verdict": registry.verdict(suspect["asr_triggered"], threshold),
+            "audit.weights_sha256": suspect_model["weights_sha256"], "audit.run_id": run_id, "audit.timestamp": now,
+        }, run_id)
+
+    sha = weights_sha256(defended_model["path"])
+    path = registry.snapshot(defended_model["path"], registry_params.snapshot_dir, sha[:16])
+    converged = (metrics.get("beear") or {}).get("converged")
+    promote, reason = registry.promotion_decision(defended, suspect, threshold, registry_params.max_benign_loss_increase, converged)
+    version = registry.register_checkpoint(name, path, {
+        "audit.role": "defended", "audit.asr_triggered": defended["asr_triggered"],
+        "audit.asr_untriggered": defended["asr_untriggered"],
+        "audit.benign_loss_change": registry.benign_loss_change(defended, suspect), "audit.converged": converged,
+        "audit.convergence": (metrics.get("beear") or {}).get("convergence"),
+        "audit.verdict": registry.verdict(defended["asr_triggered"], threshold), "audit.source_version": source_version,
+        "audit.weights_sha256": sha, "audit.run_id": run_id, "audit.timestamp": now, "audit.promotion": reason,
+    }, run_id)
+    if promote:
+        registry.set_alias(name, "defended", version)
+        logger.info("promoted %s version %s to alias 'defended': %s", name, version, reason)
+    else:
+        logger.warning("%s version %s registered WITHOUT the alias 'defended': %s", name, version, reason)
+    return {"registered": True, "name": name, "suspect_version": source_version, "defended_version": version,
+            "promoted": promote, "reason": reason}

@@ -1,0 +1,118 @@
+"""Thin adapters from the pipeline to the BEEAR engine: BEEAR itself and its two baselines, the
+``control`` (the same safety fine-tuning with the perturbation fixed at zero) and
+``random_perturbation`` (a fresh random direction each round at BEEAR's per-round norm). The
+baselines run as many rounds as BEEAR did."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from beear_pipeline.beear import BeearConfig, find_perturbation, run_beear
+from beear_pipeline.integrations.tracking import log_metrics, set_tags
+from beear_pipeline.lm.checkpoints import load_model_ref
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_anchor_layer(anchor_layer: int | str, probe_report: dict | None) -> int:
+    """``beear.anchor_layer``: an integer as it is, or ``auto`` for the probe's recommended layer."""
+    if anchor_layer != "auto":
+        if not isinstance(anchor_layer, int):
+            raise ValueError(f"beear.anchor_layer={anchor_layer!r}: use an integer layer index or auto")
+        return anchor_layer
+    if not probe_report or "recommended_layer" not in probe_report:
+        raise ValueError("beear.anchor_layer: auto needs the probe's report (reports/probe.json): run the defend pipeline, "
+                         "which includes the probe, or set beear.anchor_layer to an integer")
+    return int(probe_report["recommended_layer"])
+
+
+def _triples(safety_set: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
+
+
+def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig, relative_norms=None):
+    model, tokenizer = load_model_ref(suspect_model)
+    safety = _triples(safety_set)
+    anchoring = list(zip(anchoring_set["prompt"], anchoring_set["response"], strict=True))
+    system_prompt = suspect_model.get("system_prompt")
+    start = time.perf_counter()
+    result = run_beear(model, tokenizer, safety, anchoring, config, relative_norms=relative_norms, system_prompt=system_prompt,
+                       on_round=lambda r, rec: log_metrics({f"{config.defence}.{k}": v for k, v in rec.items() if k != "round"}, step=r))
+    seconds = time.perf_counter() - start
+    audit = _final_audit(result.model, tokenizer, safety, config, system_prompt)
+    last = result.history[-1]
+    logger.info("%s: %d rounds in %.1f s, final outer loss %.4f, perturbation norm %.2f (%.2f x the hidden-state scale)%s",
+                config.defence, len(result.history), seconds, last["outer_loss"], last["perturbation_norm"],
+                last["perturbation_norm_relative"], "" if result.convergence is None else f": {result.convergence}")
+    history = {"defence": config.defence, "config": config.to_dict(), "seconds": seconds, "resumed_from": result.resumed_from,
+               "hidden_scale": result.hidden_scale, "convergence": result.convergence, "converged": result.converged,
+               "n_monitor_prompts": len(result.monitor), "final_audit": audit, "rounds": result.history}
+    if result.convergence is not None:
+        log_metrics({f"{config.defence}.converged": float(result.converged), f"{config.defence}.rounds_run": len(result.history)})
+        set_tags({f"{config.defence}.converged": result.converged, f"{config.defence}.convergence": result.convergence})
+        if result.convergence == "not_converged":
+            logger.warning("%s did not converge in %d rounds: the inner level still elicits the unwanted answers on %.0f%% more "
+                           "of the monitor prompts than a random direction does (converged at <= %.0f%%). Raise beear.max_rounds "
+                           "or beear.outer_lr; the registry will not promote this model", config.defence, len(result.history),
+                           100 * _last_excess(result.history), 100 * config.converged_rate)
+    return (result.model, tokenizer), result.perturbation, history
+
+
+def _final_audit(model, tokenizer, safety, config: BeearConfig, system_prompt: str | None) -> dict | None:
+    """The same trigger-free measurement for every trained model (BEEAR, the control, the random
+    baseline): can the inner level still push it to the unwanted answers on the monitor prompts?"""
+    if not config.check_every or not config.monitor_fraction:
+        return None
+    found = find_perturbation(model, tokenizer, safety, dataclasses.replace(config, defence="beear"), system_prompt=system_prompt)
+    audit = {k: found[k] for k in ("entrapment_rate", "entrapment_rate_random", "entrapment_excess", "unwanted_loss",
+                                   "unwanted_loss_unperturbed", "perturbation_norm_relative", "hidden_scale")}
+    logger.info("%s: final trigger-free audit: entrapment rate %.2f on %d monitor prompts (a random direction: %.2f)",
+                config.defence, audit["entrapment_rate"], found["n_monitor_prompts"], audit["entrapment_rate_random"])
+    log_metrics({f"{config.defence}.final_entrapment_rate": audit["entrapment_rate"],
+                 f"{config.defence}.final_entrapment_excess": audit["entrapment_excess"]})
+    return audit
+
+
+def _last_excess(history: list[dict]) -> float:
+    return next((r["entrapment_excess"] for r in reversed(history) if "entrapment_excess" in r), float("nan"))
+
+
+def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_history: dict | None = None) -> BeearConfig:
+    """The run's configuration: ``anchor_layer: auto`` resolved from the probe's report, each
+    defence checkpointing into its own sub-folder, and the baselines given exactly as many rounds
+    as BEEAR ran (it stops when it converges)."""
+    layer = resolve_anchor_layer(beear.anchor_layer, probe_report)
+    if beear.anchor_layer == "auto":
+        logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
+    checkpoint_dir = str(Path(beear.checkpoint_dir) / defence) if beear.checkpoint_dir else None
+    rounds = len(beear_history["rounds"]) if beear_history else beear.max_rounds
+    return dataclasses.replace(beear, defence=defence, checkpoint_dir=checkpoint_dir, anchor_layer=layer, max_rounds=rounds)
+
+
+def defend_with_beear(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
+                      probe_report: dict | None = None):
+    """BEEAR: returns the defended model, the final perturbation and the per-round history."""
+    model, perturbation, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "beear", probe_report))
+    return model, {"perturbation": perturbation}, history
+
+
+def defend_with_control(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
+                        probe_report: dict | None, beear_history: dict):
+    """The control: the same data, rounds, batches and optimiser as BEEAR, perturbation fixed at zero."""
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "control", probe_report, beear_history))
+    return model, history
+
+
+def defend_with_random_perturbation(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame,
+                                    beear: BeearConfig, probe_report: dict | None, beear_history: dict):
+    """Baseline: a random direction each round, matched to BEEAR's perturbation norm per round
+    relative to each model's hidden-state scale (or ``beear.random_norm`` when set)."""
+    config = _config(beear, "random_perturbation", probe_report, beear_history)
+    relative = None if config.random_norm is not None else [r["perturbation_norm_relative"] for r in beear_history["rounds"]]
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, config, relative_norms=relative)
+    return model, history
