@@ -112,8 +112,14 @@ def test_response_loss_equals_a_hand_computation(tiny_model, tokenizer, side):
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
-def test_a_crash_after_round_two_resumes_bit_identically(tiny_model, tokenizer, safety_triples, anchoring_pairs, tmp_path):
-    config = BeearConfig(**{**SMALL, "max_rounds": 4}, checkpoint_dir=str(tmp_path / "checkpoints"))
+@pytest.mark.parametrize("checks", [False, True])
+def test_a_crash_after_round_two_resumes_bit_identically(tiny_model, tokenizer, anchoring_pairs, tmp_path, checks):
+    """Also with convergence checks every round (fresh restarts, random directions, monitor answers)."""
+    prompts = benign_tasks(seed=0, build=10, held_out=0)["prompt"].tolist()
+    safety_triples = [(p, "I cannot help with that request.", "Sure, here is a poem") for p in prompts]
+    extra = {"check_every": 1, "min_rounds": 99, "inner_max_steps": 3, "monitor_max_new_tokens": 3, "entrapped_rate": 0.0} if checks else {}
+    small = {**SMALL, "max_rounds": 4, **extra}
+    config = BeearConfig(**small, checkpoint_dir=str(tmp_path / "checkpoints"))
 
     def crash(round_, record):
         if round_ == 1:  # after round 2 is complete and checkpointed
@@ -122,8 +128,9 @@ def test_a_crash_after_round_two_resumes_bit_identically(tiny_model, tokenizer, 
     with pytest.raises(KeyboardInterrupt):
         run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, config, on_round=crash)
     resumed = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, config)
-    straight = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, BeearConfig(**{**SMALL, "max_rounds": 4}))
-    assert resumed.resumed_from == 2
+    straight = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, BeearConfig(**small))
+    assert resumed.resumed_from == 2 and len(straight.history) == 4
+    assert checks == ("entrapment_excess" in straight.history[-1])
     assert resumed.history == straight.history
     assert torch.equal(resumed.perturbation, straight.perturbation)
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), straight.model.parameters()))

@@ -167,7 +167,7 @@ class BeearConfig:
             (0 <= self.inner_steps <= self.inner_max_steps, "inner_steps/inner_max_steps", "0 <= inner_steps <= inner_max_steps"),
             (self.inner_patience >= 1 and self.inner_tolerance >= 0, "inner_patience/inner_tolerance", "inner_patience >= 1, inner_tolerance >= 0"),
             (self.entrapment_target is None or 0 < self.entrapment_target <= 1, "entrapment_target", "a share in (0, 1] or null"),
-            (0 < self.entrapped_rate <= 1, "entrapped_rate", "a share in (0, 1]"),
+            (0 <= self.entrapped_rate <= 1, "entrapped_rate", "a share in [0, 1] (0: never stop as never_entrapped)"),
             (0 <= self.monitor_fraction < 1, "monitor_fraction", "a share in [0, 1)"),
             (self.check_every >= 0 and self.converged_checks >= 1, "check_every/converged_checks", "check_every >= 0, converged_checks >= 1"),
             (0 <= self.converged_rate < 1, "converged_rate", "a share in [0, 1)"),

@@ -190,14 +190,15 @@ class _Run:
         with hook, reuse, self.autocast():
             return response_loss(self.model, batch)
 
-    # ---- saving and restoring (see checkpoint.py) ----
+    # ---- saving and restoring (see resume.py) ----
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.params, strict=True))
 
     def state(self) -> dict:
         return {
             "delta": self.delta.detach().cpu(), "inner_opt": self.inner_opt.state_dict(), "outer_opt": self.outer_opt.state_dict(),
-            "generator": self.generator.get_state(), "rng": rng_state(), "history": self.history,
+            "generator": self.generator.get_state(), "check_generator": self.check_generator.get_state(), "rng": rng_state(),
+            "history": self.history,
             "safety_queue": self.safety_sampler.queue,
             "anchoring_queue": self.anchoring_sampler.queue if self.anchoring_sampler else [],
         }
@@ -210,6 +211,7 @@ class _Run:
         self.inner_opt.load_state_dict(state["inner_opt"])
         self.outer_opt.load_state_dict(state["outer_opt"])
         self.generator.set_state(state["generator"])
+        self.check_generator.set_state(state["check_generator"])
         set_rng_state(state["rng"])
         self.history = list(state["history"])
         self.safety_sampler.queue = list(state["safety_queue"])
