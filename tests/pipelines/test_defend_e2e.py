@@ -43,6 +43,7 @@ def project(tmp_path_factory) -> Path:
 def defended(project) -> dict:
     done = kedro(project, "--pipeline=defend", "--params", "registry.name=tiny-suspect")  # the spelling users type
     assert done.returncode == 0, done.stderr[-3000:]
+    (project / "defend.log").write_text(done.stdout + done.stderr)
     return json.loads((project / "reports" / "metrics.json").read_text())
 
 
@@ -217,10 +218,13 @@ def test_defaults_hold_on_another_build_seed(project, tmp_path):
 
 
 def test_mlflow_ui_opens_on_runs_named_after_pipeline_and_model_with_their_datasets(defended, project, tmp_path):
-    """The MLflow UI as a user opens it, in headless Chromium: the experiment's runs table, not
-    MLflow 3's GenAI overview; the run named after the pipeline and the model; the behaviour sets
-    in the Datasets column."""
+    """The MLflow UI as a user opens it, in headless Chromium, at the address the run logs: the
+    experiment's runs table, not MLflow 3's GenAI overview (where a plain experiment link lands);
+    the run named after the pipeline and the model; the behaviour sets in the Datasets column."""
+    import re
     import socket
+
+    from beear_pipeline.integrations.kedro_hooks import ui_address
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -232,6 +236,8 @@ def test_mlflow_ui_opens_on_runs_named_after_pipeline_and_model_with_their_datas
     assert run.info.run_name == "defend · embedded", run.info.run_name
     inputs = {d.dataset.name: d.tags[0].value if d.tags else None for d in run.inputs.dataset_inputs}
     assert set(inputs) >= {"safety_set", "anchoring_set", "evaluation_set", "benign_evaluation_set"}, inputs
+    logged = re.findall(r"http://127\.0\.0\.1:5000/\S+", (project / "defend.log").read_text())
+    assert ui_address(experiment.experiment_id, run.info.run_id) in logged, logged
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -248,7 +254,7 @@ def test_mlflow_ui_opens_on_runs_named_after_pipeline_and_model_with_their_datas
                 break
             except OSError:
                 time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
+        url = ui_address(experiment.experiment_id, base=f"http://127.0.0.1:{port}")
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1400,900"]
         dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout

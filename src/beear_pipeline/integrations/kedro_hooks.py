@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import platform
 import subprocess
 from importlib import metadata
@@ -14,6 +15,8 @@ import pandas as pd
 from kedro.framework.hooks import hook_impl
 
 from beear_pipeline.integrations.tracking import log_params, set_tags
+
+logger = logging.getLogger(__name__)
 
 BEHAVIOUR_SETS = ("safety_set", "anchoring_set", "evaluation_set", "benign_evaluation_set")
 LIBRARIES = ("torch", "transformers", "peft", "kedro", "kedro-mlflow", "mlflow", "dvc", "great-expectations", "beear_pipeline")
@@ -65,16 +68,29 @@ def model_label(suspect: dict) -> str:
     return "embedded" if suspect.get("source") == "embedded" else Path(str(suspect.get("path", "model"))).name
 
 
+def ui_address(experiment_id: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs table (or of one run) in the MLflow UI, in its "Model
+    training" view: MLflow 3's UI otherwise opens on the GenAI overview, which lists no runs."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
+
+
 class TrackingHook:
     """Makes each MLflow run easy to find and compare: named after the pipeline and the suspect
     model, tagged with its set-up and the suspect model, the behaviour sets logged as dataset
     inputs, typed parameters (dataclasses such as ``BeearConfig``) logged field by field as
-    ``beear.anchor_layer`` (kedro-mlflow flattens plain mappings only), and the experiment marked
-    as model development so the UI opens on runs, not on MLflow 3's GenAI overview."""
+    ``beear.anchor_layer`` (kedro-mlflow flattens plain mappings only), the experiment marked as
+    model development, and at the end the address of the run in the UI.
+
+    MLflow 3.17's UI keeps a per-browser switch between "GenAI" and "Model training" that starts
+    on GenAI and ignores the experiment's kind, so a plain experiment link opens the GenAI
+    overview with no runs on it; the address logged here carries ``workflowType=machine_learning``,
+    which opens the runs table."""
 
     def __init__(self):
         self._project_path = Path.cwd()
         self._pipeline = "__default__"
+        self._run: tuple[str, str] | None = None  # (experiment id, run id) of the pipeline's MLflow run
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -88,7 +104,14 @@ class TrackingHook:
         run = mlflow.active_run()
         if run is not None:
             set_tags({"mlflow.runName": self._pipeline})
+            self._run = (run.info.experiment_id, run.info.run_id)
             mlflow.MlflowClient().set_experiment_tag(run.info.experiment_id, "mlflow.experimentKind", "custom_model_development")
+
+    @hook_impl
+    def after_pipeline_run(self, run_params) -> None:
+        # kedro-mlflow may have closed the run already (hook order), so the ids were kept
+        if self._run is not None:
+            logger.info("MLflow run of %r: with `mlflow ui` running, open %s", self._pipeline, ui_address(*self._run))
 
     @hook_impl
     def before_node_run(self, node, inputs) -> None:
