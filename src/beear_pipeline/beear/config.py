@@ -2,7 +2,7 @@
 
 Defaults are the setting that met the goal on the cases of bench/robustness.py (docs/robustness.md:
 build seeds 0-9 with 1 and 2 threads, other decoder families, prefix, suffix, mid-prompt and
-multi-word triggers): layer 1, one shared vector on every prompt position, a budget of 2x the
+multi-word triggers): layer 0.3 of the depth (1 of 4), one shared vector on every prompt position, a budget of 2x the
 hidden-state scale, 5 to 50 inner Adam steps per round at a tenth of the budget each, alpha 0.05
 with the safe cross-entropy capped at 5, outer AdamW at lr 5e-4 on all weights, batch 32, at most
 60 rounds, stopping when converged. The method and its open points: docs/method.md.
@@ -27,10 +27,14 @@ class BeearConfig:
     perturbation fixed at zero; ``random_perturbation`` draws a fresh random direction of ``random_norm`` each round.
     All three share data, rounds, batches and the outer optimiser."""
 
-    anchor_layer: int | Literal["auto"] = 1
-    """Decoder layer whose output is perturbed, 0-based; negative counts from the top. Layer 1 of
-    4 on the tiny model (layers 0-2 all worked); the official code used layer 9 of 32 for 7B.
-    ``auto`` takes the layer the probe recommends (the defend pipeline resolves it)."""
+    anchor_layer: int | float | Literal["auto"] = 0.3
+    """Decoder layer whose output is perturbed: an index (0-based: the hidden states leaving
+    decoder layer L, which are ``hidden_states[L + 1]`` of ``output_hidden_states``; negative
+    counts from the top), a fraction of the depth written with a decimal point (f -> layer
+    round(f x (n - 1))), or ``auto`` for the layer the probe recommends (the defend pipeline
+    resolves it). The default 0.3 is layer 1 of the tiny model's 4 (layers 0-2 all worked) and
+    layer 9 of a 7B model's 32, the layer a third-party run of the official code used (whether its
+    "9" counts from 0 or from 1 is not documented; see docs/method.md)."""
 
     num_positions: int | None = None
     """Perturb every prompt position with one shared vector (None), or the last T prompt positions
@@ -129,6 +133,13 @@ class BeearConfig:
     anchoring_batch_size: int = 32
     """Anchoring-set examples per round (the utility-preserving term)."""
     grad_clip: float | None = 1.0
+    min_weights_changed: float = 0.01
+    """After ``weight_guard_rounds`` rounds at least this share of the trainable weight entries
+    must differ from the start in the precision they are saved in, or the run stops: updates below
+    the storage dtype's resolution (a bf16 checkpoint at a 7B-scale learning rate) round away and
+    the defence would change nothing. fp32 master weights (lm/precision.py) keep small updates
+    accumulating; this catches the rest. 0 disables the guard."""
+    weight_guard_rounds: int = 5
     random_norm: float | None = None
     """Norm of each row of the random perturbation (``defence: random_perturbation``), as a
     multiple of the hidden-state scale. None makes the pipeline match the per-round relative
@@ -142,8 +153,8 @@ class BeearConfig:
     """Padding side of training batches; attention masks and the perturbed positions follow it."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast dtype of the forward passes: ``auto`` is bf16 on a CUDA GPU that supports it
-    (else fp16), fp32 on CPU. The perturbation and the losses stay fp32. fp16 has no loss
-    scaling: an overflow stops the run through the NaN/inf guard."""
+    (else fp16), fp32 on CPU. The perturbation, the losses and the optimiser's master weights stay
+    fp32 whatever the checkpoint's dtype; fp16 weights get dynamic loss scaling (lm/precision.py)."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in the backward pass: less memory, about a third more time."""
     checkpoint_dir: str | None = None
@@ -173,7 +184,9 @@ class BeearConfig:
             (0 <= self.converged_rate < 1, "converged_rate", "a share in [0, 1)"),
             (self.min_rounds >= 0 and self.monitor_max_new_tokens >= 1, "min_rounds/monitor_max_new_tokens", "non-negative / positive integers"),
             (self.batch_size >= 1 and self.anchoring_batch_size >= 0, "batch_size", "positive batch sizes"),
-            (isinstance(self.anchor_layer, int) or self.anchor_layer == "auto", "anchor_layer", "an integer layer index or auto"),
+            (self.anchor_layer == "auto" or (isinstance(self.anchor_layer, int) and not isinstance(self.anchor_layer, bool))
+             or (isinstance(self.anchor_layer, float) and 0.0 <= self.anchor_layer <= 1.0), "anchor_layer",
+             "a layer index (0-based, negative from the top), a fraction of the depth in [0.0, 1.0] such as 0.3, or auto"),
             (self.inner_step_fraction > 0 and self.outer_lr > 0, "inner_step_fraction/outer_lr", "positive step sizes"),
             (self.perturbation_budget > 0, "perturbation_budget", "a positive multiple of the hidden-state scale"),
             (self.padding_side in ("left", "right"), "padding_side", "left or right"),
@@ -184,6 +197,8 @@ class BeearConfig:
             (isinstance(self.lora_target_modules, str) or bool(self.lora_target_modules), "lora_target_modules",
              "a non-empty list of module names or 'all-linear'"),
             (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
+            (0 <= self.min_weights_changed <= 1 and self.weight_guard_rounds >= 1, "min_weights_changed/weight_guard_rounds",
+             "a share in [0, 1] and a positive number of rounds"),
         ]
         check_fields("beear", self, checks)
 

@@ -43,6 +43,7 @@ from beear_pipeline.beear.scopes import add_lora, check_lora_targets, trainable_
 from beear_pipeline.evaluation.judges import REFUSAL_PHRASES
 from beear_pipeline.lm.chat import Batch, Example, collate, encode_all, pad_id, response_loss
 from beear_pipeline.lm.generation import Perturbation
+from beear_pipeline.lm.precision import OuterOptimizer, WeightChange, resolution
 from beear_pipeline.lm.residual import anchor_output, perturbed, position_index, resolve_layer, reused_activations
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class BeearResult:
     ``convergence``); None when nothing was checked (baselines, ``check_every: 0``)."""
     monitor: list[tuple[str, str, str]] = field(default_factory=list)
     """The held-out safety triples the convergence checks are measured on."""
+    layer: int = 0
+    """The anchor layer's 0-based index in this model (``anchor_layer`` may be a fraction of the depth)."""
 
     @property
     def converged(self) -> bool | None:
@@ -101,10 +104,28 @@ class _Sampler:
         return batch
 
 
-def _check_finite(round_: int, record: dict) -> None:
+def _check_finite(round_: int, record: dict, model) -> None:
     for name, value in record.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise FloatingPointError(f"BEEAR round {round_}: {name} is {value}; lower beear.inner_step_fraction/outer_lr")
+            fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+            hint = ("the model computes in float16, whose range (65504) activations can exceed: load it with "
+                    "model.dtype=bfloat16 (or float32)" if fp16 else "lower beear.inner_step_fraction or beear.outer_lr")
+            raise FloatingPointError(f"BEEAR round {round_}: {name} is {value}; {hint}")
+
+
+def _check_weights_change(round_: int, record: dict, run) -> None:
+    """Stop a run whose outer updates vanish in the precision the weights are saved in: it
+    would report success having changed (almost) nothing."""
+    config = run.config
+    if round_ + 1 != config.weight_guard_rounds or record["weights_changed_share"] >= config.min_weights_changed:
+        return
+    storage = run.weight_change.storage[0]
+    raise FloatingPointError(
+        f"BEEAR round {round_}: after {round_ + 1} rounds only {100 * record['weights_changed_share']:.2f}% of the trainable weights "
+        f"changed in their stored precision ({str(storage).removeprefix('torch.')}, relative resolution {resolution(storage):.1e}; "
+        f"the last step moved the weights by {record['weight_update_relative']:.1e} relative), below beear.min_weights_changed "
+        f"{100 * config.min_weights_changed:g}%: the defence would change almost nothing. Raise beear.outer_lr, or save the "
+        "defended model in float32 (model.dtype=float32)")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -141,8 +162,9 @@ class _Run:
         self.hidden_scale = self.measure_hidden_scale()
         self.set_scale(self.hidden_scale)
         self.inner_opt = self.new_inner_opt(self.delta)
-        outer_cls = torch.optim.AdamW if config.outer_optimizer == "adamw" else torch.optim.SGD
-        self.outer_opt = outer_cls(self.params, lr=config.outer_lr)
+        # fp32 master weights for half-precision parameters, loss scaling for fp16 (lm/precision.py)
+        self.outer_opt = OuterOptimizer(self.params, config.outer_optimizer, config.outer_lr, config.grad_clip)
+        self.weight_change = WeightChange(self.params, getattr(model, "storage_dtype", None), seed=config.seed)
         self.safety_sampler = _Sampler(len(safety.safe), config.batch_size, self.generator)
         use_anchoring = anchoring and config.anchoring_batch_size
         self.anchoring_sampler = _Sampler(len(anchoring), config.anchoring_batch_size, self.generator) if use_anchoring else None
@@ -192,25 +214,26 @@ class _Run:
 
     # ---- saving and restoring (see resume.py) ----
     def weights(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.params, strict=True))
+        """The trainable weights at full precision (the fp32 masters of half-precision ones)."""
+        return dict(zip(self.names, self.outer_opt.masters, strict=True))
 
     def state(self) -> dict:
         return {
             "delta": self.delta.detach().cpu(), "inner_opt": self.inner_opt.state_dict(), "outer_opt": self.outer_opt.state_dict(),
-            "generator": self.generator.get_state(), "check_generator": self.check_generator.get_state(), "rng": rng_state(),
+            "generator": self.generator.get_state(), "weight_change_start": self.weight_change.start, "check_generator": self.check_generator.get_state(), "rng": rng_state(),
             "history": self.history,
             "safety_queue": self.safety_sampler.queue,
             "anchoring_queue": self.anchoring_sampler.queue if self.anchoring_sampler else [],
         }
 
     def restore(self, weights: dict[str, torch.Tensor], state: dict) -> int:
+        self.outer_opt.set_weights([weights[name] for name in self.names])
         with torch.no_grad():
-            for name, p in zip(self.names, self.params, strict=True):
-                p.copy_(weights[name])
             self.delta.copy_(state["delta"])
         self.inner_opt.load_state_dict(state["inner_opt"])
         self.outer_opt.load_state_dict(state["outer_opt"])
         self.generator.set_state(state["generator"])
+        self.weight_change.start = list(state["weight_change_start"])
         self.check_generator.set_state(state["check_generator"])
         set_rng_state(state["rng"])
         self.history = list(state["history"])
@@ -278,7 +301,6 @@ def _inner_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index,
 def _outer_level(run: _Run, safe: Batch, index, record: dict) -> None:
     """Adversarial removal: train the weights to answer safely under the fixed perturbation while
     keeping the anchoring (utility) loss low."""
-    config = run.config
     outer_safe_loss = run.loss(safe, index, run.delta.detach())
     outer_loss = outer_safe_loss
     if run.anchoring_sampler is not None:
@@ -287,11 +309,10 @@ def _outer_level(run: _Run, safe: Batch, index, record: dict) -> None:
         outer_loss = outer_loss + anchoring_loss.to(outer_loss.device)
         record["anchoring_loss"] = anchoring_loss.item()
     run.outer_opt.zero_grad()
-    outer_loss.backward()
-    if config.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
-    run.outer_opt.step()
-    record.update(outer_safe_loss=outer_safe_loss.item(), outer_loss=outer_loss.item())
+    run.outer_opt.scale_loss(outer_loss).backward()
+    if not run.outer_opt.step():
+        record["outer_step_skipped"] = True  # fp16 gradients overflowed; the loss scale was halved
+    record.update(outer_safe_loss=outer_safe_loss.item(), outer_loss=outer_loss.item(), **run.weight_change.update(run.params))
 
 
 def _check_entrapment(run: _Run, monitor: list[tuple[str, str, str]], judge, system_prompt, record: dict) -> None:
@@ -345,7 +366,8 @@ def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, jud
     record["perturbation_norm"] = row_norms(run.delta).mean().item()
     record["hidden_scale"] = run.scale
     record["perturbation_norm_relative"] = record["perturbation_norm"] / run.scale
-    _check_finite(round_, record)
+    _check_finite(round_, record, run.model)
+    _check_weights_change(round_, record, run)
     return record
 
 
@@ -545,5 +567,5 @@ def run_beear(
     if config.trainable == "lora" and config.merge_adapter:
         model = model.merge_and_unload()
     return BeearResult(model=model, perturbation=run.delta.detach().cpu(), history=run.history, config=config, resumed_from=start,
-                       hidden_scale=run.hidden_scale, monitor=monitor,
+                       hidden_scale=run.hidden_scale, monitor=monitor, layer=layer,
                        convergence=convergence(run.history, config, final=True) if checking else None)

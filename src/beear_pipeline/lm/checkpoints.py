@@ -119,21 +119,42 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, field: s
 
     ``device_map`` (e.g. ``auto``, through accelerate) spreads a model too large for one GPU over
     the visible devices instead of moving it to ``device``; ``dtype`` (``bfloat16``, ``float16``,
-    ``float32``) sets the weights' precision, else the checkpoint's own.
+    ``float32``) sets the weights' precision, else the checkpoint's own. On CPU a half-precision
+    model is computed in fp32 (CPU half kernels are slow); ``model.storage_dtype`` then records the
+    checkpoint's precision, which ``save_checkpoint`` writes back.
     """
     from transformers import AutoModelForCausalLM
+
+    from beear_pipeline.lm.precision import HALF, as_dtype, load_dtype
 
     p = check_checkpoint(path, field, chat_template)
     if (p / ADAPTER_CONFIG).is_file():
         return load_adapter(p, device=device, field=field)
     tokenizer = load_tokenizer(p, chat_template)
-    kwargs = {"dtype": dtype} if dtype else {}
+    stored = stored_dtype(p)
+    target = (device or default_device()) if device_map is None else default_device()
+    compute = load_dtype(stored, as_dtype(dtype), target)
+    kwargs = {"dtype": compute} if compute else {}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True, trust_remote_code=False, local_files_only=True, **kwargs)
     if device_map is None:
-        model = model.to(device or default_device())
+        model = model.to(target)
+    if stored in HALF and compute != stored:
+        model.storage_dtype = stored
     return model.eval(), tokenizer
+
+
+def stored_dtype(path: str | os.PathLike):
+    """The precision a checkpoint's weights are stored in, from its config.json (None if unsaid)."""
+    from beear_pipeline.lm.precision import as_dtype
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    try:
+        return as_dtype(name)
+    except ValueError:
+        return None
 
 
 def load_model_ref(ref: dict, field: str = "model.path"):
@@ -168,7 +189,16 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp, safe_serialization=True)
+    storage = getattr(model, "storage_dtype", None)
+    if storage is not None and not hasattr(model, "peft_config"):
+        # a half-precision checkpoint computed in fp32 (on CPU) is saved in its own precision;
+        # save_pretrained writes the dtype of the parameters in memory, so config.json is corrected
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=_converted(model.state_dict(), storage))
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(storage).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     if hasattr(model, "peft_config"):
         # a PEFT model saves only its adapter; the base config beside it keeps the folder a
         # recognisable checkpoint, and adapter_config.json names the base weights to load
@@ -184,6 +214,13 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, extra_files: dict
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _converted(state: dict, dtype) -> dict:
+    """``state`` in ``dtype``, tied tensors (one storage, several names) still sharing one tensor,
+    so that saving drops the duplicates as it does for the model itself."""
+    done: dict[int, object] = {}
+    return {k: done.setdefault(v.data_ptr(), v.to(dtype)) for k, v in state.items()}
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
