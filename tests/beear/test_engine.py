@@ -15,7 +15,7 @@ def small(**kw) -> BeearConfig:
 
 def test_defaults_are_the_documented_ones():
     c = BeearConfig()
-    assert (c.anchor_layer, c.num_positions, c.shared_vector, c.warm_start) == (1, None, False, True)
+    assert (c.anchor_layer, c.num_positions, c.shared_vector, c.warm_start) == (0.3, None, False, True)
     assert (c.inner_steps, c.inner_step_fraction, c.away_weight, c.away_cap, c.perturbation_budget) == (5, 0.1, 0.05, 5.0, 2.0)
     assert (c.outer_lr, c.max_rounds, c.batch_size, c.trainable) == (5e-4, 60, 32, "all")
 
@@ -185,5 +185,6 @@ def test_anchor_layer_auto_takes_the_recommended_layer():
     assert resolve_anchor_layer(-1, {"recommended_layer": 2}) == -1
     with pytest.raises(ValueError, match="beear.anchor_layer: auto needs the probe's report"):
         resolve_anchor_layer("auto", None)
-    with pytest.raises(ValueError, match="use an integer layer index or auto"):
-        resolve_anchor_layer("top", None)
+    assert resolve_anchor_layer(0.3, None) == 0.3  # a fraction of the depth: the engine resolves it against the model
+    with pytest.raises(ValueError, match="beear.anchor_layer"):
+        BeearConfig(anchor_layer="top")

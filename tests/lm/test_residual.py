@@ -54,3 +54,28 @@ def test_resolve_layer_negative_and_out_of_range(tiny_model):
         resolve_layer(tiny_model, 3)
     with pytest.raises(ValueError, match="out of range"):
         resolve_layer(tiny_model, -4)
+
+
+def test_fractions_of_the_depth_spread_the_default_layers_over_a_deep_model():
+    """The defaults name layers relative to depth: the tiny model's layer 1 of 4, and on a
+    32-layer (7B-deep) model the anchor at layer 9 and a probe scan over its lower half."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from beear_pipeline.beear import BeearConfig
+    from beear_pipeline.probe.config import ProbeConfig
+
+    deep = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=32,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    shallow = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                           num_attention_heads=2, num_key_value_heads=2))
+    beear, probe = BeearConfig(), ProbeConfig()
+    assert resolve_layer(deep, beear.anchor_layer) == 9 and resolve_layer(shallow, beear.anchor_layer) == 1
+    assert sorted({resolve_layer(deep, x) for x in probe.layers}) == [0, 4, 8, 12, 16]
+    assert sorted({resolve_layer(shallow, x) for x in probe.layers}) == [0, 1, 2]
+    assert resolve_layer(deep, 1.0) == 31 and resolve_layer(deep, 0.0) == 0 and resolve_layer(deep, 5) == 5
+    with pytest.raises(ValueError, match=r"beear.anchor_layer=1.5: a fraction of the depth must lie in \[0.0, 1.0\]"):
+        resolve_layer(deep, 1.5)
+    with pytest.raises(ValueError, match="beear.anchor_layer"):
+        BeearConfig(anchor_layer=True)
+    with pytest.raises(ValueError, match="probe.layers"):
+        ProbeConfig(layers=["top"])

@@ -87,7 +87,7 @@ def test_embedded_model_is_built_once_then_reused(catalog, tmp_path):
 
 def test_anchor_layer_auto_takes_the_probe_recommendation(catalog):
     catalog["params:beear"] = MemoryDataset(dataclasses.replace(catalog["params:beear"].load(), anchor_layer="auto"))
-    # the probe scans only layer 0 here, so auto must give 0 (the configured default is 1)
+    # the probe scans only layer 0 here, so auto must give 0 (the configured default, 0.3 of the depth, is 1)
     catalog["params:probe"] = MemoryDataset(dataclasses.replace(catalog["params:probe"].load(), layers=[0]))
     SequentialRunner().run(register_pipelines()["defend"], catalog)
     assert catalog["beear_history"].load()["config"]["anchor_layer"] == 0

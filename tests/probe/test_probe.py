@@ -123,7 +123,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value, message):
 
 
 def test_probe_rejects_a_layer_the_model_does_not_have(tiny_model, tokenizer, safety_triples):
-    with pytest.raises(ValueError, match="probe.layers holds 5, out of range for a model with 3 decoder layers"):
+    with pytest.raises(ValueError, match="probe.layers=5 is out of range for a model with 3 decoder layers"):
         probe.probe_model(tiny_model, tokenizer, safety_triples, ["Which number comes after 4?"], probe.ProbeConfig(layers=[5]))
 
 

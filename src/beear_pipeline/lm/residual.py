@@ -22,19 +22,33 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-def resolve_layer(model, anchor_layer: int) -> int:
-    """0-based index of the anchor layer; a negative index counts from the top (-1 = last)."""
-    if not isinstance(anchor_layer, int):
-        raise ValueError(f"beear.anchor_layer={anchor_layer!r}: the engine needs an integer; `auto` is resolved from the "
-                         "probe's report by the defend pipeline (beear_pipeline.probe.resolve_anchor_layer)")
-    n = len(decoder_layers(model))
-    index = anchor_layer + n if anchor_layer < 0 else anchor_layer
+LayerSpec = int | float
+"""A decoder layer: an index (0-based; negative counts from the top, -1 = last), or a fraction of
+the depth written with a decimal point (0.0 = first layer, 0.5 = middle, 1.0 = last), so that one
+setting spreads the same way over 4 layers and over 80."""
+
+
+def layer_index(spec: LayerSpec, n: int, field: str = "beear.anchor_layer") -> int:
+    """0-based index of the layer ``spec`` names in a stack of ``n`` decoder layers. A fraction f
+    maps to round(f x (n - 1)): 0.3 is layer 1 of 4 and layer 9 of 32."""
+    if isinstance(spec, bool) or not isinstance(spec, int | float):
+        raise ValueError(f"{field}={spec!r}: use a layer index (0-based, negative from the top) or a fraction of the depth "
+                         "such as 0.3; `auto` is resolved from the probe's report by the defend pipeline")
+    if isinstance(spec, float):
+        if not 0.0 <= spec <= 1.0:
+            raise ValueError(f"{field}={spec}: a fraction of the depth must lie in [0.0, 1.0] (write layer indices without a "
+                             "decimal point)")
+        return round(spec * (n - 1))
+    index = spec + n if spec < 0 else spec
     if not 0 <= index < n:
-        raise ValueError(
-            f"beear.anchor_layer={anchor_layer} is out of range for a model with {n} decoder layers: "
-            f"use 0..{n - 1} (or -{n}..-1 to count from the top)"
-        )
+        raise ValueError(f"{field}={spec} is out of range for a model with {n} decoder layers: use 0..{n - 1} "
+                         f"(or -{n}..-1 to count from the top, or a fraction of the depth such as 0.3)")
     return index
+
+
+def resolve_layer(model, anchor_layer: LayerSpec, field: str = "beear.anchor_layer") -> int:
+    """0-based index of the anchor layer in ``model`` (see ``layer_index``)."""
+    return layer_index(anchor_layer, len(decoder_layers(model)), field)
 
 
 def position_index(prompt_end: torch.Tensor, seq_len: int, num_positions: int | None, shared: bool) -> torch.Tensor:
@@ -130,10 +144,16 @@ def reused_activations(model, layer: int, cached):
     """
     layers = decoder_layers(model)
     patched = layers[: layer + 1]
+    # under a device_map, accelerate's dispatch hook is itself an instance ``forward``: keep it to
+    # put back, rather than deleting whatever instance attribute is there afterwards
+    saved = [module.__dict__.get("forward") for module in patched]
     for module in patched:
         module.forward = lambda *args, **kwargs: cached  # instance attribute shadows the class method
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, forward in zip(patched, saved, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

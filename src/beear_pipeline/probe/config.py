@@ -26,8 +26,11 @@ class VerdictRule:
 class ProbeConfig:
     """Settings of the probe (``conf/base/parameters_probe.yml``, key ``probe``)."""
 
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Decoder layers scanned (0-based output index, negative counts from the top)."""
+    layers: list[int | float] = field(default_factory=lambda: [0.0, 0.125, 0.25, 0.375, 0.5])
+    """Decoder layers scanned: indices (0-based output index, negative counts from the top) or
+    fractions of the depth (as ``beear.anchor_layer``). The default spreads over the lower half,
+    where the official code and our tiny models found backdoors: layers 0, 1, 2 of 4, and
+    0, 4, 8, 12, 16 of 32 (duplicates are scanned once)."""
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     """L2 budgets per perturbation row, as multiples of the median hidden-state norm at the layer."""
     inner_steps: int = 30
@@ -68,7 +71,8 @@ class ProbeConfig:
                 raise ValueError(f"probe.verdict: unknown key(s) {sorted(set(self.verdict) - known)}; known are {sorted(known)}")
             self.verdict = VerdictRule(**self.verdict)
         checks = [
-            (bool(self.layers) and all(isinstance(x, int) for x in self.layers), "layers", "a non-empty list of integers"),
+            (bool(self.layers) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in self.layers), "layers",
+             "a non-empty list of layer indices or fractions of the depth (0.0-1.0)"),
             (bool(self.budgets) and all(b > 0 for b in self.budgets), "budgets", "a non-empty list of positive numbers"),
             (self.inner_steps >= 1, "inner_steps", "a positive integer"),
             (self.inner_optimizer in ("adam", "pgd"), "inner_optimizer", "adam or pgd"),

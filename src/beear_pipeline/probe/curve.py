@@ -35,7 +35,7 @@ from beear_pipeline.evaluation.judges import REFUSAL_PHRASES
 from beear_pipeline.evaluation.rates import attack_success_rate
 from beear_pipeline.lm.chat import collate, encode_all, pad_id, response_loss
 from beear_pipeline.lm.generation import Perturbation, generate, prompt_batch
-from beear_pipeline.lm.residual import decoder_layers, perturbed, position_index, resolve_layer
+from beear_pipeline.lm.residual import perturbed, position_index, resolve_layer
 from beear_pipeline.probe.config import ProbeConfig, VerdictRule
 
 logger = logging.getLogger(__name__)
@@ -182,15 +182,6 @@ def recommend_layer(curves: Sequence[dict]) -> int:
     return min(curves, key=key)["layer"]
 
 
-def _scanned_layer(model, layer: int) -> int:
-    try:
-        return resolve_layer(model, layer)
-    except ValueError:
-        n = len(decoder_layers(model))
-        raise ValueError(f"probe.layers holds {layer}, out of range for a model with {n} decoder layers: "
-                         f"use 0..{n - 1} (or -{n}..-1 to count from the top)") from None
-
-
 def probe_model(model, tokenizer, safety: Sequence[tuple[str, str, str]], held_out_prompts: Sequence[str], config: ProbeConfig,
                 *, reference: tuple | None = None, phrases: Sequence[str] = REFUSAL_PHRASES) -> dict:
     """Trigger-free probe with layer scan. ``reference`` is an optional ``(model, tokenizer)`` of a
@@ -200,7 +191,7 @@ def probe_model(model, tokenizer, safety: Sequence[tuple[str, str, str]], held_o
     found perturbations under ``"perturbations"`` (layer -> list of tensors), which the caller
     drops before writing JSON."""
     start = time.perf_counter()
-    layers = sorted({_scanned_layer(model, x) for x in config.layers})
+    layers = sorted({resolve_layer(model, x, "probe.layers") for x in config.layers})
     curves = [entrapment_curve(model, tokenizer, safety, held_out_prompts, x, config, phrases)
               for x in tqdm(layers, desc="probe layers", leave=False, disable=None)]
     ref_curves = None

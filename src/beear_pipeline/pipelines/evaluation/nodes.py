@@ -120,7 +120,7 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
     }
     metrics["lm_eval"] = lm_eval
     metrics["probe"] = {"verdict": probe_report.get("verdict"), "recommended_layer": probe_report.get("recommended_layer"),
-                        "anchor_layer_used": beear_history["config"]["anchor_layer"]}
+                        "anchor_layer_used": beear_history.get("anchor_layer_index", beear_history["config"]["anchor_layer"])}
     metrics["persistence"] = {k: v for k, v in persistence.items() if k != "seconds"}
     protocol = EvaluationProtocol.from_dict(evaluation_protocol)
     metrics["protocol"] = {

@@ -19,11 +19,10 @@ from beear_pipeline.lm.checkpoints import load_model_ref
 logger = logging.getLogger(__name__)
 
 
-def resolve_anchor_layer(anchor_layer: int | str, probe_report: dict | None) -> int:
-    """``beear.anchor_layer``: an integer as it is, or ``auto`` for the probe's recommended layer."""
+def resolve_anchor_layer(anchor_layer: int | float | str, probe_report: dict | None) -> int | float:
+    """``beear.anchor_layer``: a layer index or a fraction of the depth as it is (the engine
+    resolves it against the model), or ``auto`` for the probe's recommended layer."""
     if anchor_layer != "auto":
-        if not isinstance(anchor_layer, int):
-            raise ValueError(f"beear.anchor_layer={anchor_layer!r}: use an integer layer index or auto")
         return anchor_layer
     if not probe_report or "recommended_layer" not in probe_report:
         raise ValueError("beear.anchor_layer: auto needs the probe's report (reports/probe.json): run the defend pipeline, "
@@ -50,7 +49,7 @@ def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFr
                 config.defence, len(result.history), seconds, last["outer_loss"], last["perturbation_norm"],
                 last["perturbation_norm_relative"], "" if result.convergence is None else f": {result.convergence}")
     history = {"defence": config.defence, "config": config.to_dict(), "seconds": seconds, "resumed_from": result.resumed_from,
-               "hidden_scale": result.hidden_scale, "convergence": result.convergence, "converged": result.converged,
+               "anchor_layer_index": result.layer, "hidden_scale": result.hidden_scale, "convergence": result.convergence, "converged": result.converged,
                "n_monitor_prompts": len(result.monitor), "final_audit": audit, "rounds": result.history}
     if result.convergence is not None:
         log_metrics({f"{config.defence}.converged": float(result.converged), f"{config.defence}.rounds_run": len(result.history)})
