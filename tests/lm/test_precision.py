@@ -112,7 +112,7 @@ def test_half_checkpoint_is_computed_in_fp32_on_cpu_and_saved_back_in_its_precis
     save_checkpoint(model, tok, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["dtype"] == "float16"
     with safe_open(tmp_path / "again" / "model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118 (safe_open is not iterable)
         for name, p in half.named_parameters():
             assert torch.equal(f.get_tensor(name), p.detach()), name  # fp16 -> fp32 -> fp16 is exact
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the loaded model itself is untouched by saving
