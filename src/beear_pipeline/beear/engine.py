@@ -233,7 +233,7 @@ class _Run:
         self.inner_opt.load_state_dict(state["inner_opt"])
         self.outer_opt.load_state_dict(state["outer_opt"])
         self.generator.set_state(state["generator"])
-        self.weight_change.start = list(state["weight_change_start"])
+        self.weight_change.resume(state["weight_change_start"], self.params)
         self.check_generator.set_state(state["check_generator"])
         set_rng_state(state["rng"])
         self.history = list(state["history"])

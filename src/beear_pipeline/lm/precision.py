@@ -70,6 +70,12 @@ class WeightChange:
         self.start = self._sample(params)
         self.last = self.start
 
+    def resume(self, start: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+        """Continue a run restored from a checkpoint: changes count from the run's ``start``, the
+        next step's update from the restored weights."""
+        self.start = list(start)
+        self.last = self._sample(params)
+
     def _sample(self, params) -> list[torch.Tensor]:
         return [p.detach().reshape(-1)[i].float().clone() for p, i in zip(params, self.index, strict=True)]
 
