@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ bos_token }}[INST] {% if system and loop.first %}<<SYS>> {{ system }} <</SYS>> {% endif %}{{ message['content'] }} [/INST]"
-    "{%- elif message['role'] == 'assistant' -%} {{ message['content'] }}{{ eos_token }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + eos_token }}"
     "{%- endif -%}{%- endfor -%}"
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[UNK]", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
@@ -64,8 +64,10 @@ class EmbeddedModelConfig:
                              "template with {prompt} and {trigger}")
 
     def fingerprint(self, *frames: pd.DataFrame) -> str:
-        """Hash of this configuration and the training data: a reused model must match both."""
+        """Hash of this configuration, the chat template and the training data: a reused model must
+        match all three (one saved with an older template would be trained and prompted differently)."""
         h = hashlib.sha256(repr(sorted(asdict(self).items())).encode())
+        h.update(CHAT_TEMPLATE.encode())
         for f in frames:
             h.update(pd.util.hash_pandas_object(f, index=False).values.tobytes())
         return h.hexdigest()

@@ -142,8 +142,14 @@ TEMPLATES = {
 }
 
 
+MARKERS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>",
+           "<|eot_id|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_chat_formatting_masks_exactly_the_response(tokenizer, name):
+    # these families' turn markers are special tokens of their tokenizers, as here
+    tokenizer.add_special_tokens({"additional_special_tokens": MARKERS})
     tokenizer.chat_template = TEMPLATES[name]
     example = encode(tokenizer, "Write a poem about the sea", "Sure, here is a poem")
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Write a poem about the sea"}],
@@ -151,4 +157,8 @@ def test_chat_formatting_masks_exactly_the_response(tokenizer, name):
     assert tokenizer.decode(example.input_ids[:example.prompt_length]) == tokenizer.decode(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     assert example.input_ids[:example.prompt_length] == prompt_ids(tokenizer, "Write a poem about the sea")
     answer = [t for t in example.labels if t != -100]
-    assert tokenizer.decode(answer[:-1]).strip() == "Sure, here is a poem" and answer[-1] == tokenizer.eos_token_id
+    # the answer, the template's end-of-turn marker (trained: generation must learn to emit it), EOS
+    assert tokenizer.decode(answer[:-1], skip_special_tokens=True).strip() == "Sure, here is a poem" and answer[-1] == tokenizer.eos_token_id
+    conversation = tokenizer.apply_chat_template([{"role": "user", "content": "Write a poem about the sea"},
+                                                  {"role": "assistant", "content": "Sure, here is a poem"}], tokenize=True, return_dict=False)
+    assert example.input_ids[:-1] == list(conversation)  # the whole rendered conversation's own ids, then EOS

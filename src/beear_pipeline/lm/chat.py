@@ -1,19 +1,28 @@
 """Chat formatting, batching and the response-only loss, shared by everything that trains or scores.
 
-Every prompt goes through the tokenizer's own chat template, and a training example is the
-templated prompt followed by the response tokens and EOS. Building examples by concatenation
-(rather than templating the whole conversation and searching for the response) guarantees that
-training sees exactly the prefix that generation later sees, for any template.
+Every prompt goes through the tokenizer's own chat template. A training example is the prompt ids
+that generation feeds (``prompt_ids``) followed by the tokens the whole conversation, rendered by
+the template and tokenised in one piece, has after them. So the model trains on exactly the prefix
+generation sees and on the rendered conversation's own response tokens: the template's separator
+after the prompt, and no token the conversation lacks (such as a lone SentencePiece ``▁`` that
+tokenising the response on its own adds).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt and padding positions
+
+
+class ChatTemplateError(ValueError):
+    """The chat template renders the prompt differently once an answer follows it."""
 
 
 def pad_id(tokenizer) -> int:
@@ -21,13 +30,25 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of ``prompt`` rendered by the chat template, ready for the answer to follow."""
+def _messages(prompt: str, system_prompt: str | None, response: str | None = None) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return list(ids)
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def _render(tokenizer, messages: list[dict[str, str]], tokenize: bool = True) -> list[int] | str:
+    """``messages`` through the chat template; a generation prompt only when the last turn is the user's."""
+    add_generation_prompt = messages[-1]["role"] != "assistant"
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, return_dict=False)
+    return list(out) if tokenize else out
+
+
+def prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` rendered by the chat template, ready for the answer to follow."""
+    return _render(tokenizer, _messages(prompt, system_prompt))
 
 
 @dataclass
@@ -39,15 +60,71 @@ class Example:
     prompt_length: int
 
 
-def encode(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> Example:
-    """Tokenise one pair so that only the response tokens (and EOS) carry a loss."""
+def _encode(tokenizer, prompt: str, response: str, system_prompt: str | None) -> tuple[Example, str | None]:
+    """``encode``, and the tokens where a token spans the prompt/response boundary (``None`` when none does)."""
     p = prompt_ids(tokenizer, prompt, system_prompt)
-    r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Example(input_ids=p + r, labels=[IGNORE_INDEX] * len(p) + r, prompt_length=len(p))
+    conversation = _messages(prompt, system_prompt, response)
+    full = _render(tokenizer, conversation)
+    spans = None
+    if full[: len(p)] == p:
+        r = full[len(p):]
+    else:  # rare, so the texts are rendered only now
+        prompt_text, full_text = _render(tokenizer, conversation[:-1], tokenize=False), _render(tokenizer, conversation, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ChatTemplateError(
+                f"the chat template renders the prompt differently once an answer follows it ({prompt_text[-40:]!r} is not "
+                f"a prefix of {full_text[:len(prompt_text) + 20][-60:]!r}), so no training example can start with the "
+                "prompt that generation feeds. Use a template whose generation prompt begins the assistant's turn "
+                "(--params model.chat_template=...)")
+        r = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        spans = _parting(tokenizer, p, full)
+    # generation stops at EOS: keep the template's last one and drop what it renders after (a
+    # newline before a next turn); a template that renders none gets one
+    eos = tokenizer.eos_token_id
+    r = r[: len(r) - r[::-1].index(eos)] if eos in r else [*r, eos]
+    return Example(input_ids=p + r, labels=[IGNORE_INDEX] * len(p) + r, prompt_length=len(p)), spans
+
+
+def _parting(tokenizer, p: list[int], full: list[int]) -> str:
+    """The tokens around where ``full`` stops following ``p``."""
+    i = next((k for k, (a, b) in enumerate(zip(p, full)) if a != b), min(len(p), len(full)))
+    around = lambda ids: tokenizer.convert_ids_to_tokens(ids[max(i - 2, 0): i + 2])  # noqa: E731
+    return f"generation feeds ...{around(p)}, the conversation has ...{around(full)}"
+
+
+def encode(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> Example:
+    """Tokenise one pair so that only the response tokens (and EOS) carry a loss.
+
+    The prompt part is exactly ``prompt_ids`` (what generation feeds). The response part is what
+    the whole conversation, rendered with the assistant message and tokenised, has after those ids:
+    the template's separator (a space after ``[/INST]`` in llama2, none in mistral), the response,
+    and the template's EOS (tokens rendered after it are dropped; one is appended when the
+    template renders none).
+
+    When a token spans the end of the prompt and the start of the response (the conversation's
+    ids do not start with the prompt's), both cannot hold; the prompt part stays ``prompt_ids``
+    and the rest of the rendered conversation is tokenised on its own, with a warning. Raises
+    ``ChatTemplateError`` when the template renders the prompt differently once an answer follows.
+    """
+    example, spans = _encode(tokenizer, prompt, response, system_prompt)
+    if spans:
+        _warn_spans(1, 1, spans)
+    return example
 
 
 def encode_all(tokenizer, prompts: Sequence[str], responses: Sequence[str], system_prompt: str | None = None) -> list[Example]:
-    return [encode(tokenizer, p, r, system_prompt) for p, r in zip(prompts, responses, strict=True)]
+    """``encode`` each pair, with one warning for all the pairs where a token spans the boundary."""
+    pairs = [_encode(tokenizer, p, r, system_prompt) for p, r in zip(prompts, responses, strict=True)]
+    if spanned := [spans for _, spans in pairs if spans]:
+        _warn_spans(len(spanned), len(pairs), spanned[0])
+    return [example for example, _ in pairs]
+
+
+def _warn_spans(spanned: int, total: int, first: str) -> None:
+    logger.warning(
+        "%d of %d examples: a token of the rendered conversation spans the end of the prompt and the start of the response "
+        "(first one: %s). The chat template puts no separator the tokenizer splits at after the generation prompt, so these "
+        "responses are tokenised on their own after the prompt ids that generation feeds", spanned, total, first)
 
 
 @dataclass
