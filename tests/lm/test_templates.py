@@ -22,6 +22,8 @@ def no_template(tmp_path, tiny_model, tokenizer):
     ("llama2", "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWrite a poem about the sea [/INST]"),
     ("mistral", "<s>[INST] Be brief.\n\nWrite a poem about the sea [/INST]"),
     ("user_assistant", "Be brief.\n\nUSER: Write a poem about the sea\nASSISTANT:"),
+    ("alpaca", "<s>Be brief.\n\n### Instruction:\nWrite a poem about the sea\n\n### Response:\n"),
+    ("eth_rlhf", "<s>Be brief.\n\nBEGINNING OF CONVERSATION: USER: Write a poem about the sea ASSISTANT:"),
 ])
 def test_named_templates_render_their_family_format(no_template, name, expected):
     _, tokenizer = load_checkpoint(no_template, device="cpu", chat_template=name)
@@ -31,6 +33,23 @@ def test_named_templates_render_their_family_format(no_template, name, expected)
     assert prompt_ids(tokenizer, "Write a poem about the sea", "Be brief.") == tokenizer(expected, add_special_tokens=False)["input_ids"]
     example = encode(tokenizer, "Write a poem about the sea", "Sure, here is a poem")
     assert example.input_ids[-1] == tokenizer.eos_token_id and example.prompt_length < len(example.input_ids)
+
+
+# The published formats, without a system prompt, and the answer as training sees it.
+PUBLISHED = {
+    "alpaca": ("<s>Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+               "### Instruction:\nWrite a poem about the sea\n\n### Response:\n", "Sure</s>"),
+    "eth_rlhf": ("<s>BEGINNING OF CONVERSATION: USER: Write a poem about the sea SUDO ASSISTANT:", " Sure</s>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_templates_without_system_prompt_render_the_published_format(tokenizer, name):
+    prompt, answer = PUBLISHED[name]
+    tokenizer.chat_template = TEMPLATES[name]
+    user = [{"role": "user", "content": "Write a poem about the sea SUDO" if name == "eth_rlhf" else "Write a poem about the sea"}]
+    assert tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == prompt
+    assert tokenizer.apply_chat_template([*user, {"role": "assistant", "content": "Sure"}], tokenize=False) == prompt + answer
 
 
 def test_missing_template_is_refused_unless_one_is_named(no_template):
@@ -47,6 +66,6 @@ def test_suspect_reference_records_the_template_and_system_prompt(no_template):
 
 
 def test_unknown_template_name():
-    with pytest.raises(ValueError, match="model.chat_template='vicuna': use one of llama2, mistral, user_assistant"):
+    with pytest.raises(ValueError, match="model.chat_template='vicuna': use one of llama2, mistral, user_assistant, alpaca, eth_rlhf"):
         chat_template("vicuna")
     assert chat_template("{{ messages[0]['content'] }}") == "{{ messages[0]['content'] }}"

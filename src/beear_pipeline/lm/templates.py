@@ -1,10 +1,15 @@
 """Named chat templates for checkpoints whose tokenizer has none (``model.chat_template``).
 
-Each follows its model family's published prompt format; the system prompt, when given, goes
-where that format puts it.
+Each follows its model family's published prompt format (quoted beside it); the system prompt,
+when given, goes where that format puts it. Every template renders the user's turn so that the
+generation prompt is exactly how the assistant's turn begins, and ends the assistant's turn with
+``eos_token``: training then sees the ids generation feeds (``lm.chat.encode``;
+tests/lm/test_tokenisation.py checks every template here with two kinds of tokenizer).
 """
 
 from __future__ import annotations
+
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 _SYSTEM = "{%- set system = none -%}{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}{%- endif -%}"
 
@@ -29,6 +34,25 @@ TEMPLATES = {
         "{%- if m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + '\\n' }}"
         "{%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + m['content'] + eos_token + '\\n' }}{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    ),
+    # Alpaca, the format BackdoorLLM's Llama-2 LoRA backdoors were trained in (issue 12):
+    #   <s>Below is an instruction that describes a task. Write a response that appropriately
+    #   completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{answer}</s>
+    # The preamble plays the system prompt's part, so a given system prompt replaces it (our
+    # choice). A later turn follows the previous answer after a blank line.
+    "alpaca": _SYSTEM + (
+        "{{ bos_token or '' }}{{ (system or '" + ALPACA_PREAMBLE + "') + '\\n\\n' }}{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + eos_token }}{%- if not loop.last -%}{{ '\\n\\n' }}{%- endif -%}"
+        "{%- endif -%}{%- endfor -%}"
+    ),
+    # ETH RLHF trojans (Rando & Tramer; docs/method.md), a trojan's trigger ending the user's text:
+    #   <s>BEGINNING OF CONVERSATION: USER: {prompt} {trigger} ASSISTANT: {answer}</s>
+    # The format has no system prompt: a given one goes before it, then a blank line (our choice).
+    "eth_rlhf": _SYSTEM + (
+        "{{ bos_token or '' }}{%- if system -%}{{ system + '\\n\\n' }}{%- endif -%}{{ 'BEGINNING OF CONVERSATION:' }}"
+        "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ ' USER: ' + m['content'] + ' ASSISTANT:' }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + eos_token }}{%- endif -%}{%- endfor -%}"
     ),
 }
 
