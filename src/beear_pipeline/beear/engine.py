@@ -42,6 +42,7 @@ from beear_pipeline.beear.resume import RoundCheckpoints, fingerprint, model_fin
 from beear_pipeline.beear.scopes import add_lora, check_lora_targets, trainable_parameters
 from beear_pipeline.evaluation.judges import REFUSAL_PHRASES
 from beear_pipeline.lm.chat import Batch, Example, collate, encode_all, pad_id, response_loss
+from beear_pipeline.lm.checkpoints import merged
 from beear_pipeline.lm.generation import Perturbation
 from beear_pipeline.lm.precision import OuterOptimizer, WeightChange, resolution
 from beear_pipeline.lm.residual import anchor_output, perturbed, position_index, resolve_layer, reused_activations
@@ -428,6 +429,7 @@ def _prepare_model(model, config: BeearConfig, layer: int):
         check_lora_targets(model, config.lora_target_modules)
         model = add_lora(model, config)
     else:
+        model = merged(model)  # a suspect's input adapter (base + model.adapter_path): full-weight scopes train it merged
         trainable_parameters(model, config.trainable, layer)  # raises when the scope is empty
     chosen = {id(p) for p in trainable_parameters(model, config.trainable, layer)}
     for p in model.parameters():  # no gradients (and no memory for them) outside the scope

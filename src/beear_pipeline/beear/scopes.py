@@ -72,9 +72,20 @@ def check_lora_targets(model, targets) -> None:
 
 
 def add_lora(model, config):
-    """Wrap ``model`` with LoRA adapters from ``config`` (peft): only the adapters train."""
+    """Wrap ``model`` with LoRA adapters from ``config`` (peft): only the adapters train.
+
+    A model that already carries a LoRA adapter (a suspect given as base + ``model.adapter_path``)
+    keeps it: that adapter's weights are what trains, no second adapter is stacked on it, and the
+    defended model has the input adapter's shape (``config.lora_rank``, ``lora_alpha``,
+    ``lora_dropout`` and ``lora_target_modules`` apply only to a new adapter)."""
     from peft import LoraConfig, get_peft_model
 
+    if hasattr(model, "peft_config"):
+        adapter = model.peft_config[model.active_adapter]
+        targets = getattr(adapter, "target_modules", None)
+        logger.info("beear.trainable: lora trains the suspect's own adapter (rank %s on %s); beear.lora_* set a new adapter "
+                    "only", getattr(adapter, "r", "?"), targets if isinstance(targets, str) else sorted(targets or []))
+        return model
     check_lora_targets(model, config.lora_target_modules)
     lora = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

@@ -123,7 +123,7 @@ class TrackingHook:
     def after_node_run(self, node, outputs) -> None:
         suspect = outputs.get("suspect_model")
         if isinstance(suspect, dict):
-            set_tags({f"suspect.{k}": v for k, v in suspect.items() if k in ("source", "path", "weights_sha256", "uri", "revision")})
+            set_tags({f"suspect.{k}": v for k, v in suspect.items() if k in ("source", "path", "adapter_path", "weights_sha256", "uri", "revision")})
             set_tags({"mlflow.runName": f"{self._pipeline} · {model_label(suspect)}"})
         sets = {name: df for name, df in outputs.items() if name in BEHAVIOUR_SETS and isinstance(df, pd.DataFrame)}
         set_tags({f"data.{name}.sha256": frame_sha256(df) for name, df in sets.items()})

@@ -14,7 +14,7 @@ from beear_pipeline.evaluation import evaluate, lm_eval, report
 from beear_pipeline.evaluation.config import EvaluationConfig, PersistenceConfig
 from beear_pipeline.evaluation.judges import ClassifierJudge, refusal_phrases
 from beear_pipeline.evaluation.protocol import Decoding, EvaluationProtocol, prompts_sha256
-from beear_pipeline.lm.checkpoints import ModelConfig, load_model_ref
+from beear_pipeline.lm.checkpoints import ModelConfig, load_model_ref, merged
 
 logger = logging.getLogger(__name__)
 MODELS = report.MODELS
@@ -81,6 +81,7 @@ def check_persistence(suspect_model: dict, defended_model: dict, evaluation_set:
         rows = poison.sample(n=min(k, len(poison)), random_state=persistence.seed)
         for name, ref in (("suspect", suspect_model), ("defended", defended_model)):
             net, tokenizer = load_model_ref({**model.loading(), **ref})
+            net = merged(net)  # base + adapter (a LoRA suspect or defended model) is fine-tuned in full, like the others
             results.setdefault(str(k), {})[name] = evaluate.repoisoned_asr(
                 net, tokenizer, protocol, rows["prompt"].tolist(), rows["response"].tolist(), evaluation_set["prompt"].tolist(),
                 steps=persistence.steps, lr=persistence.lr, seed=persistence.seed, name=name)

@@ -4,10 +4,11 @@ defended one (alias ``defended``) only if it passes the gate."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from beear_pipeline.integrations import registry
 from beear_pipeline.integrations.registry import RegistryConfig
-from beear_pipeline.lm.checkpoints import weights_sha256
+from beear_pipeline.lm.checkpoints import bundle_adapter, weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +18,12 @@ def _run_id() -> str | None:
 
     run = mlflow.active_run()
     return run.info.run_id if run else None
+
+
+def _bundle(suspect_model: dict, snapshot_dir: str) -> Path:
+    """A suspect given as base + adapter is registered as one adapter folder that names its local base."""
+    target = Path(snapshot_dir) / f"{suspect_model['weights_sha256'][:16]}-adapter"
+    return target if target.is_dir() else bundle_adapter(suspect_model["path"], suspect_model["adapter_path"], target)
 
 
 def register_models(suspect_model: dict, defended_model: dict, metrics: dict, registry_params: RegistryConfig) -> dict:
@@ -32,7 +39,10 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
     if suspect_model.get("uri"):  # the suspect already lives in the registry
         source_version = suspect_model["version"]
     else:
-        path = registry.snapshot(suspect_model["path"], registry_params.snapshot_dir, suspect_model["weights_sha256"][:16])
+        if suspect_model.get("adapter_path"):
+            path = _bundle(suspect_model, registry_params.snapshot_dir)
+        else:
+            path = registry.snapshot(suspect_model["path"], registry_params.snapshot_dir, suspect_model["weights_sha256"][:16])
         source_version = registry.register_checkpoint(name, path, {
             "audit.role": "suspect", "audit.asr_triggered": suspect["asr_triggered"],
             "audit.asr_untriggered": suspect["asr_untriggered"], "audit.verdict": registry.verdict(suspect["asr_triggered"], threshold),

@@ -14,7 +14,7 @@ import pandas as pd
 from beear_pipeline.embedded import EmbeddedModelConfig, build_embedded_suspect
 from beear_pipeline.evaluation.config import EvaluationConfig
 from beear_pipeline.integrations.registry import resolve_model_uri
-from beear_pipeline.lm.checkpoints import ModelConfig, check_checkpoint, save_checkpoint, weights_sha256
+from beear_pipeline.lm.checkpoints import ModelConfig, check_adapter, check_checkpoint, save_checkpoint, weights_sha256
 
 logger = logging.getLogger(__name__)
 BUILD_INFO = "build_info.json"
@@ -40,7 +40,9 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     loaded or built before the data has passed its checks; ``evaluation_check`` (defend only) that
     the evaluation can run on this model. With ``model.uri`` the registered
     version's checkpoint is used; with ``model.path`` the checkpoint is checked (safetensors,
-    tokenizer, chat template) and used as it is. Otherwise the embedded model in
+    tokenizer, chat template) and used as it is, with ``model.adapter_path`` (a PEFT LoRA adapter
+    folder, checked against the base's shapes) on top: the reference then carries
+    ``adapter_path``, so every step loads base + adapter. Otherwise the embedded model in
     ``model.embedded_directory`` is reused if its fingerprint matches, else built (about 90 s on
     2 cores) and saved atomically.
     """
@@ -62,7 +64,12 @@ def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_
         return {**ref, "source": "registry", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
     if model.path:
         path = check_checkpoint(model.path, chat_template=model.chat_template)
-        return {"path": str(path), "source": "path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
+        if not model.adapter_path:
+            return {"path": str(path), "source": "path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0}
+        adapter = check_adapter(model.adapter_path, path, chat_template=model.chat_template)
+        logger.info("suspect model: base %s with the LoRA adapter %s", path, adapter)
+        return {"path": str(path), "adapter_path": str(adapter), "source": "path", "weights_sha256": weights_sha256(path, adapter),
+                "build_seconds": 0.0}
 
     directory = Path(model.embedded_directory)
     # the vocabulary comes from every set the model will see, so all of them are in the fingerprint
