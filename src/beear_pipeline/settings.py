@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from beear_pipeline.integrations.kedro_hooks import TrackingHook
+from beear_pipeline.integrations.preflight import PreflightHook
 
 
 def tracking_uri() -> str:
@@ -12,8 +13,9 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-# kedro-mlflow registers its own hook through its plugin entry point.
-HOOKS = (TrackingHook(),)
+# kedro-mlflow registers its own hook through its plugin entry point. PreflightHook runs before
+# it (tryfirst), so a bad model path stops the run before the tracking database is set up.
+HOOKS = (PreflightHook(), TrackingHook())
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",

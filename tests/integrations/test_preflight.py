@@ -1,0 +1,105 @@
+"""A bad model path or layer stops ``kedro run`` before anything slow starts (issue 12, item 8).
+
+Each case runs the real command on a copy of the project and checks the message names the setting
+and the fix, and that the run stopped before its first slow step: no tracking database was
+created, no behaviour data written. (The seconds it takes are measured by bench/preflight.py, not
+asserted here.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from beear_pipeline.integrations.preflight import PreflightError, checkpoint_depth, preflight
+from beear_pipeline.lm.checkpoints import CheckpointError, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "pyproject.toml", dest)
+    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    (dest / "conf" / "local").mkdir()
+    shutil.copytree(ROOT / "data" / "01_raw", dest / "data" / "01_raw")
+    (dest / "src").mkdir()
+    return dest
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model, tokenizer) -> Path:
+    """A complete 3-layer checkpoint that passes every check."""
+    return save_checkpoint(tiny_model, tokenizer, tmp_path / "suspect")
+
+
+def _kedro(project: Path, params: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "DO_NOT_TRACK": "1",
+           "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "400"}
+    return subprocess.run([str(Path(sys.executable).parent / "kedro"), "run", "--pipeline=defend", "--params", params],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _pickle_only(path: Path) -> None:
+    weights = path / "model.safetensors"
+    torch.save({"weights": "a pickle"}, path / "pytorch_model.bin")
+    weights.unlink()
+
+
+def _no_tokenizer(path: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+        (path / name).unlink(missing_ok=True)
+
+
+CASES = {
+    "missing folder": (lambda p: shutil.rmtree(p), "", "not a readable directory"),
+    "pickle-only weights": (_pickle_only, "", "no safetensors weights. It holds pickle weights (pytorch_model.bin)"),
+    "no tokenizer": (_no_tokenizer, "", "no tokenizer"),
+    "anchor layer out of range": (lambda p: None, ",beear.anchor_layer=7", "beear.anchor_layer=7 is out of range for a model with 3 decoder layers"),
+    "probe layer out of range": (lambda p: None, ",probe.layers=[5]", "probe.layers=5 is out of range for a model with 3 decoder layers"),
+    "no trigger": (lambda p: None, "!", "needs evaluation.trigger"),
+    "missing adapter": (lambda p: None, ",model.adapter_path=/nonexistent-adapter",
+                        "model.adapter_path=/nonexistent-adapter: not a readable directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_model_stops_the_run_before_any_slow_step(project, checkpoint, case):
+    spoil, extra, message = CASES[case]
+    spoil(checkpoint)
+    params = f"model.path={checkpoint}" + (extra if extra != "!" else "") + ("" if extra == "!" else ",evaluation.trigger=SUDO")
+    done = _kedro(project, params)
+    output = " ".join((done.stdout + done.stderr).split())  # rich wraps long lines
+    assert done.returncode != 0 and message in output, output[-3000:]
+    assert not (project / "mlflow.db").exists(), "the tracking database was set up before the check"
+    assert not list((project / "data").glob("0[2-8]_*/*")), "behaviour data was written before the check"
+
+
+def test_a_good_checkpoint_passes_with_layers_resolved_against_its_depth(checkpoint):
+    params = {"model": {"path": str(checkpoint)}, "evaluation": {"trigger": "SUDO"}, "beear": {"anchor_layer": 0.5},
+              "probe": {"layers": [0.0, -1, 1]}}
+    assert checkpoint_depth(checkpoint) == 3
+    assert preflight(params) == {"model": str(checkpoint), "anchor_layer": 1, "probe_layers": [0, 2, 1], "layers": 3}
+
+
+def test_checks_in_process(checkpoint):
+    """The same checks as a library call (what the hook runs), for the embedded default too."""
+    assert preflight({"embedded_model": {"num_layers": 4}, "beear": {"anchor_layer": 0.3}})["anchor_layer"] == 1
+    with pytest.raises(ValueError, match="beear.anchor_layer=-9 is out of range for a model with 4 decoder layers"):
+        preflight({"embedded_model": {"num_layers": 4}, "beear": {"anchor_layer": -9}})
+    with pytest.raises(PreflightError, match="needs evaluation.trigger"):
+        preflight({"model": {"path": str(checkpoint)}})
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is unreadable"):
+        preflight({"model": {"path": str(checkpoint)}, "evaluation": {"trigger": "SUDO"}})
+    config = {"text_config": {"num_hidden_layers": 32}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert checkpoint_depth(checkpoint) == 32
