@@ -97,3 +97,20 @@ def test_validation_fails_on_a_leaked_evaluation_prompt(advbench):
     assert "AdvBench defender share, column 'prompt': 1 prompt(s) also in the evaluation set" in str(err.value)
     assert f"rows 105: {leaked.upper() + '!'!r}" in str(err.value)
     assert "(anchoring share), column 'prompt': 1 prompt(s) also in the benign set" in str(err.value)
+
+
+def test_a_users_model_on_the_toy_sets_is_warned_with_the_sets_to_provide(advbench, tiny_model, tokenizer, tmp_path, caplog):
+    from beear_pipeline.lm.checkpoints import save_checkpoint
+    from beear_pipeline.pipelines.behaviours.nodes import toy_sets_warning
+
+    assert toy_sets_warning(PARAMS, ModelConfig()) is None  # the embedded demo is what the sets are for
+    path = save_checkpoint(tiny_model, tokenizer, tmp_path / "suspect")
+    with caplog.at_level("WARNING"):
+        report = validate_behaviours(*default_sets(advbench), PARAMS, ModelConfig(path=str(path)))
+    assert report["success"] and len(report["warnings"]) == 1
+    for field in ("behaviours.anchoring_path", "behaviours.benign_path", "behaviours.safety_path"):
+        assert field in report["warnings"][0] and field in caplog.text
+    own = dataclasses.replace(PARAMS, anchoring_path="a.jsonl", benign_path="b.jsonl")
+    assert toy_sets_warning(own, ModelConfig(uri="models:/suspect/1")) is None
+    partly = toy_sets_warning(dataclasses.replace(PARAMS, anchoring_path="a.jsonl"), ModelConfig(uri="models:/suspect/1"))
+    assert "behaviours.benign_path" in partly and "behaviours.anchoring_path" not in partly and partly.startswith("model.uri=")

@@ -105,7 +105,34 @@ def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, e
     sources = {kind: behaviours.path_of(kind) or DEFAULT_SOURCES[kind] for kind in sets}
     columns = {kind: column_mapping(kind, behaviours) for kind in sets if behaviours.path_of(kind)}
     count_tokens, tokenizer = token_counter(model)
-    return validate_behaviour_sets(sets, sources, behaviours, columns, count_tokens, tokenizer)
+    report = validate_behaviour_sets(sets, sources, behaviours, columns, count_tokens, tokenizer)
+    if warning := toy_sets_warning(behaviours, model):
+        logger.warning(warning)
+        report["warnings"] = [*report.get("warnings", []), warning]
+    return report
+
+
+def toy_sets_warning(behaviours: BehavioursConfig, model: ModelConfig) -> str | None:
+    """A warning when a user's model is defended or measured with the embedded demo's sets.
+
+    The generated benign tasks are short word-level tasks written for the tiny model: anchoring a
+    real model's utility on them (and measuring it there) says little about its real use. The
+    shipped safety set pairs AdvBench prompts with canned refusals, not the model's own."""
+    if not model.user_supplied:
+        return None
+    missing = {"anchoring_path": "prompt, response: instructions and good answers from the model's real use (e.g. a "
+                                 "sample of its instruction-tuning data), the utility BEEAR must keep",
+               "benign_path": "prompt, optional response: held-out benign tasks that measure utility and over-refusal",
+               "safety_path": "prompt, safe_response, unwanted_response: harmful prompts with the model's own refusals "
+                              "and the unwanted answers"}
+    missing = {k: v for k, v in missing.items() if not getattr(behaviours, k)}
+    if not {"anchoring_path", "benign_path"} & set(missing):
+        return None  # the shipped AdvBench safety set alone is a reasonable default
+    model_name = f"model.path={model.path}" if model.path else f"model.uri={model.uri}"
+    sets = "; ".join(f"behaviours.{k} ({v})" for k, v in missing.items())
+    return (f"{model_name} is defended with the embedded demo's toy behaviour sets (generated word-level benign tasks, canned "
+            f"refusals), written for the tiny model: its utility is anchored and measured on text unlike its real use. "
+            f"Provide {sets}; docs/behaviour_data.md gives the formats")
 
 
 def check_behaviours(behaviours_validation: dict) -> dict:
