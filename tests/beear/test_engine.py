@@ -17,7 +17,8 @@ def test_defaults_are_the_documented_ones():
     c = BeearConfig()
     assert (c.anchor_layer, c.num_positions, c.shared_vector, c.warm_start) == (0.3, None, False, True)
     assert (c.inner_steps, c.inner_step_fraction, c.away_weight, c.away_cap, c.perturbation_budget) == (5, 0.1, 0.05, 5.0, 2.0)
-    assert (c.outer_lr, c.max_rounds, c.batch_size, c.trainable) == (5e-4, 60, 32, "all")
+    assert (c.outer_lr, c.checkpoint_every, c.max_rounds, c.batch_size, c.trainable) == ("auto", "auto", 60, 32, "all")
+    assert c.sized(1_300_000, 2**20).outer_lr == 5e-4  # auto on the tiny model
 
 
 @pytest.mark.parametrize("field,value,message", [

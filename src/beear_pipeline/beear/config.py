@@ -10,7 +10,8 @@ with the safe cross-entropy capped at 5, outer AdamW at lr 5e-4 on all weights, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from beear_pipeline.configuration import check_fields, from_mapping
@@ -18,6 +19,29 @@ from beear_pipeline.configuration import check_fields, from_mapping
 DEFENCES = ("beear", "control", "random_perturbation")
 TRAINABLE = ("all", "up_to_anchor", "after_anchor", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+TINY_PARAMETERS, LARGE_PARAMETERS = 2_000_000, 6_700_000_000
+"""The two model sizes the outer lr is known at: our tiny models (at most 2M parameters) and 7B."""
+OUTER_LR_TINY, OUTER_LR_LARGE, OUTER_LR_LARGE_LORA = 5e-4, 3e-7, 2e-5
+"""Measured on the tiny models (docs/robustness.md); the official BEEAR code's for 7B (full
+weights, docs/method.md); targeted LAT's LoRA outer lr for Llama-2-7B (arXiv 2407.15549)."""
+
+
+def size_rule_lr(parameters: int, lora: bool = False) -> float:
+    """``outer_lr: auto``: log-linear in the parameter count between the two known sizes, held
+    constant outside them. Untested in between: a starting point, logged with each run."""
+    large = OUTER_LR_LARGE_LORA if lora else OUTER_LR_LARGE
+    if parameters <= TINY_PARAMETERS:
+        return OUTER_LR_TINY
+    if parameters >= LARGE_PARAMETERS:
+        return large
+    t = math.log(parameters / TINY_PARAMETERS) / math.log(LARGE_PARAMETERS / TINY_PARAMETERS)
+    return math.exp((1 - t) * math.log(OUTER_LR_TINY) + t * math.log(large))
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x > 0
 
 
 @dataclass
@@ -124,8 +148,10 @@ class BeearConfig:
     model as a PEFT adapter (saved as adapter files beside the base model's config)."""
 
     outer_optimizer: Literal["adamw", "sgd"] = "adamw"
-    outer_lr: float = 5e-4
-    """lr for the tiny model; the official code used 3e-7 for 7B models."""
+    outer_lr: float | Literal["auto"] = "auto"
+    """lr of the outer step, or ``auto``: chosen from the model's parameter count by ``sized``
+    (5e-4 up to 2M parameters, as measured on our tiny models; 3e-7 at 6.7B, the official code's
+    for 7B models; 2e-5 at 6.7B for LoRA, targeted LAT's; log-linear in between)."""
     max_rounds: int = 60
     """Rounds at most; a run that converges earlier stops there (see ``check_every``)."""
     batch_size: int = 32
@@ -160,8 +186,10 @@ class BeearConfig:
     checkpoint_dir: str | None = None
     """Folder for round checkpoints (None = off). A re-run with the same configuration resumes
     from the last complete round and ends with the same weights as an uninterrupted run."""
-    checkpoint_every: int = 1
-    """Write a checkpoint every N rounds (and after the last one)."""
+    checkpoint_every: int | Literal["auto"] = "auto"
+    """Write a checkpoint every N rounds (and after the last one), or ``auto``: every round while a
+    round checkpoint (trainable weights and optimiser state) is under 1 GiB, else every 10 rounds
+    (a 7B full fine-tune's is about 84 GB)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -187,11 +215,13 @@ class BeearConfig:
             (self.anchor_layer == "auto" or (isinstance(self.anchor_layer, int) and not isinstance(self.anchor_layer, bool))
              or (isinstance(self.anchor_layer, float) and 0.0 <= self.anchor_layer <= 1.0), "anchor_layer",
              "a layer index (0-based, negative from the top), a fraction of the depth in [0.0, 1.0] such as 0.3, or auto"),
-            (self.inner_step_fraction > 0 and self.outer_lr > 0, "inner_step_fraction/outer_lr", "positive step sizes"),
+            (self.inner_step_fraction > 0 and (self.outer_lr == "auto" or _positive(self.outer_lr)), "inner_step_fraction/outer_lr",
+             "positive step sizes (outer_lr may be auto)"),
             (self.perturbation_budget > 0, "perturbation_budget", "a positive multiple of the hidden-state scale"),
             (self.padding_side in ("left", "right"), "padding_side", "left or right"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
-            (self.checkpoint_every >= 1, "checkpoint_every", "a positive integer"),
+            (self.checkpoint_every == "auto" or (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1),
+             "checkpoint_every", "a positive integer or auto"),
             (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank/lora_alpha", "lora_rank >= 1 and lora_alpha > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout", "a value in [0, 1)"),
             (isinstance(self.lora_target_modules, str) or bool(self.lora_target_modules), "lora_target_modules",
@@ -208,6 +238,16 @@ class BeearConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def sized(self, parameters: int, checkpoint_bytes: int) -> BeearConfig:
+        """This configuration with ``auto`` sizes chosen for a model of ``parameters`` parameters
+        whose round checkpoint takes ``checkpoint_bytes`` (see ``outer_lr``, ``checkpoint_every``)."""
+        chosen = {}
+        if self.outer_lr == "auto":
+            chosen["outer_lr"] = size_rule_lr(parameters, lora=self.trainable == "lora")
+        if self.checkpoint_every == "auto":
+            chosen["checkpoint_every"] = 1 if checkpoint_bytes < 2**30 else 10
+        return replace(self, **chosen)
 
     def resume_key(self) -> dict:
         """The fields that must match for a checkpoint to be resumed: all but where and how often

@@ -148,6 +148,7 @@ class _Run:
     """Everything one run carries from round to round, and how to save and restore it."""
 
     def __init__(self, model, tokenizer, safety: SafetyExamples, anchoring: list[Example], config: BeearConfig, layer: int):
+        config = _sized(model, config, layer)  # run_beear has sized it already; find_perturbation has not
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad_id(tokenizer)
@@ -494,6 +495,21 @@ def find_perturbation(model, tokenizer, safety: Sequence[tuple[str, str, str]], 
             "perturbation_norm_relative": norm / run.scale, "n_monitor_prompts": len(monitor)}
 
 
+def _sized(model, config: BeearConfig, layer: int) -> BeearConfig:
+    """``config`` with its ``auto`` sizes chosen for ``model`` (``BeearConfig.sized``), logged."""
+    if "auto" not in (config.outer_lr, config.checkpoint_every):
+        return config
+    params = trainable_parameters(model, config.trainable, layer)
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # the model's size, not its adapters
+    # a round checkpoint: the trainable weights in fp32 (masters) and AdamW's two moments
+    checkpoint_bytes = sum(p.numel() for p in params) * (4 + 8 * (config.outer_optimizer == "adamw"))
+    sized = config.sized(total, checkpoint_bytes)
+    logger.info("%s: sized for %.3gM parameters (round checkpoint %.2f GiB): outer_lr %s%s, checkpoint_every %s%s", config.defence,
+                total / 1e6, checkpoint_bytes / 2**30, sized.outer_lr, " (auto)" if config.outer_lr == "auto" else "",
+                sized.checkpoint_every, " (auto)" if config.checkpoint_every == "auto" else "")
+    return sized
+
+
 def run_beear(
     model,
     tokenizer,
@@ -524,6 +540,7 @@ def run_beear(
     start_weights = model_fingerprint(model) if config.checkpoint_dir else None
     torch.manual_seed(config.seed)  # before LoRA, whose adapters are initialised at random
     model = _prepare_model(model, config, layer)
+    config = _sized(model, config, layer)
     run = _Run(model, tokenizer, safety_examples, anchoring_examples, config, layer)
     run.monitor = monitor
     max_rounds = min(config.max_rounds, len(relative_norms)) if relative_norms is not None else config.max_rounds

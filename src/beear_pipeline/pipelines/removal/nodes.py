@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from beear_pipeline.beear import BeearConfig, find_perturbation, run_beear
-from beear_pipeline.integrations.tracking import log_metrics, set_tags
+from beear_pipeline.integrations.tracking import log_metrics, log_params, set_tags
 from beear_pipeline.lm.checkpoints import load_model_ref
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFr
     logger.info("%s: %d rounds in %.1f s, final outer loss %.4f, perturbation norm %.2f (%.2f x the hidden-state scale)%s",
                 config.defence, len(result.history), seconds, last["outer_loss"], last["perturbation_norm"],
                 last["perturbation_norm_relative"], "" if result.convergence is None else f": {result.convergence}")
-    history = {"defence": config.defence, "config": config.to_dict(), "seconds": seconds, "resumed_from": result.resumed_from,
+    sized = {k: getattr(result.config, k) for k in ("outer_lr", "checkpoint_every")}  # what `auto` chose for this model
+    log_params({f"{config.defence}.sized.{k}": v for k, v in sized.items()})
+    history = {"defence": config.defence, "config": result.config.to_dict(), "seconds": seconds, "resumed_from": result.resumed_from,
                "anchor_layer_index": result.layer, "hidden_scale": result.hidden_scale, "convergence": result.convergence, "converged": result.converged,
                "n_monitor_prompts": len(result.monitor), "final_audit": audit, "rounds": result.history}
     if result.convergence is not None:
