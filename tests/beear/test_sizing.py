@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 
@@ -18,7 +19,7 @@ def test_the_rule_meets_both_known_sizes_and_falls_in_between():
     assert size_rule_lr(6_700_000_000, lora=True) == pytest.approx(2e-5)
     sizes = [3e6, 1e7, 1e8, 1e9, 5e9]
     lrs = [size_rule_lr(int(n)) for n in sizes]
-    assert all(5e-4 > a > b > 3e-7 for a, b in zip(lrs, lrs[1:]))  # strictly between, decreasing
+    assert all(5e-4 > a > b > 3e-7 for a, b in itertools.pairwise(lrs))  # strictly between, decreasing
     assert size_rule_lr(int(1.3e8)) == pytest.approx((5e-4 * 3e-7) ** 0.5, rel=0.2)  # about halfway in logs
 
 
