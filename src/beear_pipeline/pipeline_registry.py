@@ -8,14 +8,16 @@
 - ``evaluation``: evaluate every model under one protocol; ``reports/metrics.json``, the report and plots.
 - ``register``: register the suspect and defended models (when ``registry.name`` is set).
 - ``reaudit``: re-evaluate registry entries, tag them, quarantine the ones over the threshold.
-- ``defend`` (also the default): all of the above but ``reaudit``, end to end.
+- ``plan``: the memory and disk plan of the removal run from the suspect's config.json alone, before
+  anything loads (``--params model.path=DIR`` needs only DIR/config.json).
+- ``defend`` (also the default): all of the above but ``reaudit`` and ``plan``, end to end.
 """
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from beear_pipeline.pipelines import behaviours, evaluation, probe, reaudit, register, removal, suspect
+from beear_pipeline.pipelines import behaviours, evaluation, plan, probe, reaudit, register, removal, suspect
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -39,4 +41,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         "defend_from_prepared": parts["probe"] + parts["removal"] + parts["evaluation"] + parts["register"],
         "defend": defend,
         "__default__": defend,
+        # no weights, no data checks: the suspect's config.json (or the embedded recipe) and the settings
+        "plan": plan.create_pipeline(),
     }

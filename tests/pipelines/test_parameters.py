@@ -12,11 +12,12 @@ from beear_pipeline.embedded import EmbeddedModelConfig
 from beear_pipeline.evaluation.config import EvaluationConfig, PersistenceConfig
 from beear_pipeline.integrations.registry import ReauditConfig, RegistryConfig
 from beear_pipeline.lm.checkpoints import ModelConfig
+from beear_pipeline.lm.plan import PlanConfig
 from beear_pipeline.probe import ProbeConfig
 
 BLOCKS = {"beear": BeearConfig, "behaviours": BehavioursConfig, "embedded_model": EmbeddedModelConfig, "evaluation": EvaluationConfig,
           "persistence": PersistenceConfig, "registry": RegistryConfig, "reaudit": ReauditConfig, "model": ModelConfig,
-          "probe": ProbeConfig}
+          "probe": ProbeConfig, "plan": PlanConfig}
 
 
 def test_every_block_is_typed_the_way_kedro_types_it():

@@ -66,7 +66,8 @@ class WeightChange:
         # the precision each tensor is saved in: the checkpoint's (a half-precision checkpoint
         # computed in fp32 on CPU is saved back in half precision), else the tensor's own
         self.storage = [storage or p.dtype for p in params]
-        self.index = [torch.randperm(p.numel(), generator=generator)[:per_tensor].to(p.device) for p in params]
+        # clone: a slice would keep the whole permutation (8 bytes per weight) alive
+        self.index = [torch.randperm(p.numel(), generator=generator)[:per_tensor].clone().to(p.device) for p in params]
         self.start = self._sample(params)
         self.last = self.start
 
