@@ -1,4 +1,5 @@
-"""A bad model path or layer stops ``kedro run`` before anything slow starts (issue 12, item 8).
+"""A bad model path or layer, or a run the memory plan says will not fit, stops ``kedro run`` before
+anything slow starts (issue 12, items 5 and 8).
 
 Each case runs the real command on a copy of the project and checks the message names the setting
 and the fix, and that the run stopped before its first slow step: no tracking database was
@@ -66,6 +67,8 @@ CASES = {
     "anchor layer out of range": (lambda p: None, ",beear.anchor_layer=7", "beear.anchor_layer=7 is out of range for a model with 3 decoder layers"),
     "probe layer out of range": (lambda p: None, ",probe.layers=[5]", "probe.layers=5 is out of range for a model with 3 decoder layers"),
     "no trigger": (lambda p: None, "!", "needs evaluation.trigger"),
+    "will not fit": (lambda p: None, ",beear.batch_size=4096,beear.anchoring_batch_size=4096,plan.sequence_length=65536",
+                     "will not fit"),
     "missing adapter": (lambda p: None, ",model.adapter_path=/nonexistent-adapter",
                         "model.adapter_path=/nonexistent-adapter: not a readable directory"),
 }
@@ -87,7 +90,10 @@ def test_a_good_checkpoint_passes_with_layers_resolved_against_its_depth(checkpo
     params = {"model": {"path": str(checkpoint)}, "evaluation": {"trigger": "SUDO"}, "beear": {"anchor_layer": 0.5},
               "probe": {"layers": [0.0, -1, 1]}}
     assert checkpoint_depth(checkpoint) == 3
-    assert preflight(params) == {"model": str(checkpoint), "anchor_layer": 1, "probe_layers": [0, 2, 1], "layers": 3}
+    checked = preflight(params)
+    assert 0 < checked.pop("plan_peak_gib") < 2  # the memory plan of a 3-layer toy: the runtime and little else
+    assert checked == {"model": str(checkpoint), "anchor_layer": 1, "probe_layers": [0, 2, 1], "layers": 3}
+    assert "plan_peak_gib" not in preflight({**params, "plan": {"before_loading": False}})
 
 
 def test_checks_in_process(checkpoint):

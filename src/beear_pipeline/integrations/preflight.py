@@ -1,8 +1,8 @@
 """Checks that stop a run within seconds of the command, before anything slow starts.
 
 A bad ``model.path`` (missing folder, pickle-only weights, no tokenizer or chat template), an
-adapter that does not fit, a trigger missing for a user's model, or a layer outside the model's
-depth used to surface only after the behaviour data had been built and validated and the
+adapter that does not fit, a trigger missing for a user's model, a layer outside the model's
+depth, or a run that will not fit the device's memory or the disk (the memory plan) used to surface only after the behaviour data had been built and validated and the
 tracking database set up (34-43 s on a 2-core machine, issue 12). ``PreflightHook`` runs these
 checks first, on the configuration and on the checkpoint's small files (``config.json``, file
 names): it reads no weights and opens no tracking database. Every check is also made again
@@ -47,6 +47,7 @@ def preflight(params: dict) -> dict:
     from beear_pipeline.evaluation.config import EvaluationConfig
     from beear_pipeline.lm import checkpoints
     from beear_pipeline.lm.checkpoints import ModelConfig
+    from beear_pipeline.lm.plan import PlanConfig, preflight_plan
     from beear_pipeline.lm.residual import layer_index
     from beear_pipeline.probe.config import ProbeConfig
 
@@ -76,6 +77,12 @@ def preflight(params: dict) -> dict:
         probe = _typed(params, "probe", ProbeConfig)
         checked["probe_layers"] = [layer_index(spec, depth, "probe.layers") for spec in probe.layers]
     checked["layers"] = depth
+    plan = _typed(params, "plan", PlanConfig)
+    if model.path and plan.before_loading:  # memory and disk, from config.json alone (lm/plan.py)
+        planned = preflight_plan(model.path, beear, plan.sequence_length, plan.output_dir,
+                                 device=None if plan.device == "auto" else plan.device, dtype=model.dtype,
+                                 device_map=model.device_map, headroom=plan.headroom)
+        checked["plan_peak_gib"] = round(planned.peak_device_bytes / 2**30, 3)
     return checked
 
 
