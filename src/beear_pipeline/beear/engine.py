@@ -147,7 +147,10 @@ def closer_to_unwanted(answer: str, safe_answers: Sequence[str], unwanted: str) 
 class _Run:
     """Everything one run carries from round to round, and how to save and restore it."""
 
-    def __init__(self, model, tokenizer, safety: SafetyExamples, anchoring: list[Example], config: BeearConfig, layer: int):
+    def __init__(self, model, tokenizer, safety: SafetyExamples, anchoring: list[Example], config: BeearConfig, layer: int,
+                 outer: bool = True):
+        """``outer=False``: the inner level only (``find_perturbation``), with no outer optimiser:
+        no fp32 master copies of half-precision weights (25 GiB for a 7B model) that nothing steps."""
         config = _sized(model, config, layer)  # run_beear has sized it already; find_perturbation has not
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.device = model.get_input_embeddings().weight.device
@@ -165,8 +168,8 @@ class _Run:
         self.set_scale(self.hidden_scale)
         self.inner_opt = self.new_inner_opt(self.delta)
         # fp32 master weights for half-precision parameters, loss scaling for fp16 (lm/precision.py)
-        self.outer_opt = OuterOptimizer(self.params, config.outer_optimizer, config.outer_lr, config.grad_clip)
-        self.weight_change = WeightChange(self.params, getattr(model, "storage_dtype", None), seed=config.seed)
+        self.outer_opt = OuterOptimizer(self.params, config.outer_optimizer, config.outer_lr, config.grad_clip) if outer else None
+        self.weight_change = WeightChange(self.params, getattr(model, "storage_dtype", None), seed=config.seed) if outer else None
         self.safety_sampler = _Sampler(len(safety.safe), config.batch_size, self.generator)
         use_anchoring = anchoring and config.anchoring_batch_size
         self.anchoring_sampler = _Sampler(len(anchoring), config.anchoring_batch_size, self.generator) if use_anchoring else None
@@ -479,7 +482,7 @@ def find_perturbation(model, tokenizer, safety: Sequence[tuple[str, str, str]], 
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     try:
-        run = _Run(model, tokenizer, safety_examples, [], dataclasses.replace(config, trainable="all"), layer)
+        run = _Run(model, tokenizer, safety_examples, [], dataclasses.replace(config, trainable="all"), layer, outer=False)
         idx = run.safety_sampler.next()
         (safe, index), (unwanted, unwanted_index) = run.batch_of(safety_examples.safe, idx), run.batch_of(safety_examples.unwanted, idx)
         record: dict = {}

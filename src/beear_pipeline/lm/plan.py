@@ -9,7 +9,7 @@ part of a round runs on top of what the whole run keeps:
     kept     = runtime + weights + fp32 master weights + gradients + optimiser state
     peak     = kept + max(outer level, inner level, optimiser step)
     and, after training, the final audit (``find_perturbation``): runtime + weights + the last
-    gradients + fp32 masters of every half-precision weight + one inner level
+    gradients + one inner level
 
 The activation terms count, per token and decoder layer, the tensors autograd keeps for the
 backward pass of a Llama-family decoder (RMSNorm, SDPA attention with a padding mask, gated MLP),
@@ -441,7 +441,7 @@ class MemoryPlan:
         out = f"together, {', '.join(names)} -> {_gib(q.peak_device_bytes)} ({'fits' if q.peak_device_bytes <= usable else 'still not enough'})"
         if q.phase == "final audit" and q.peak_device_bytes > usable:
             audit_free = self._replan(shape, **together, **batch, check_every=0)
-            out += (f", its peak being the final audit's fp32 copies of every weight; with beear.check_every=0 too (no convergence "
+            out += (f", its peak being the final audit (an inner level on each defended model); with beear.check_every=0 too (no convergence "
                     f"checks, no final audit) -> {_gib(audit_free.peak_device_bytes)}")
         return out
 
@@ -537,12 +537,11 @@ def plan_memory(shape: ModelShape, beear: BeearConfig, sequence_length: int = 25
              "optimizer step": {**kept, "step_temporaries": step}}
     if beear.check_every and beear.monitor_fraction:
         # after the last round the removal pipeline measures every defended model with
-        # find_perturbation: the run's optimiser is gone, the last gradients are not, and the
-        # engine builds fp32 masters for every half-precision weight (trainable="all")
+        # find_perturbation: the run's optimiser is gone, the last gradients are not; the
+        # inner level alone builds no master weights (engine._Run(outer=False))
         audit = _inner_level(shape, p, beear, k, seq)
         activations["final audit"] = audit
         terms["final audit"] = {"runtime": RUNTIME_BYTES, "weights": shape.parameters * p.weights,
-                                "master_weights": 4 * shape.parameters if p.weights < 4 else 0,
                                 "gradients": 0 if lora else trainable * p.weights, "optimizer_state": perturbation,
                                 "activations": audit}
     phases = {name: sum(t.values()) for name, t in terms.items()}
