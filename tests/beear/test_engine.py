@@ -189,3 +189,43 @@ def test_anchor_layer_auto_takes_the_recommended_layer():
     assert resolve_anchor_layer(0.3, None) == 0.3  # a fraction of the depth: the engine resolves it against the model
     with pytest.raises(ValueError, match="beear.anchor_layer"):
         BeearConfig(anchor_layer="top")
+
+
+@pytest.mark.parametrize("storage,lr,merged", [(None, 5e-4, True), (torch.bfloat16, 1e-7, False), (None, 1e-7, True)])
+def test_lora_merge_that_would_round_away_keeps_the_adapter(tiny_model, tokenizer, safety_triples, anchoring_pairs, caplog,
+                                                           storage, lr, merged):
+    """A bf16 base at a tiny lr: merging adds an update below bf16's resolution, so the defended
+    model stays base + adapter and the log says why; in fp32 the same update merges."""
+    if storage is not None:  # as a bf16 checkpoint computed in fp32 on CPU: bf16 values, the precision kept for saving
+        with torch.no_grad():
+            for p in tiny_model.parameters():
+                p.copy_(p.to(storage))
+        tiny_model.storage_dtype = storage
+    with caplog.at_level("WARNING"):
+        result = run_beear(tiny_model, tokenizer, safety_triples, anchoring_pairs,
+                           small(trainable="lora", lora_rank=4, merge_adapter=True, outer_lr=lr))
+    assert hasattr(result.model, "peft_config") != merged
+    assert ("kept as base + adapter" in caplog.text) != merged
+
+
+def test_merged_lora_change_share_counts_in_the_saved_precision(tiny_model):
+    from beear_pipeline.beear.scopes import add_lora
+    from beear_pipeline.lm.precision import merged_lora_change_share
+
+    model = add_lora(tiny_model, small(trainable="lora", lora_rank=4))
+    assert merged_lora_change_share(model) == 0.0  # peft starts B at zero: nothing to merge
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.fill_(1e-3)
+    assert merged_lora_change_share(model) > 0.9
+    with torch.no_grad():
+        for p in lora_b:
+            p.fill_(1e-7)
+    assert merged_lora_change_share(model) > 0.5  # fp32 keeps a 1e-7-scale update
+    with torch.no_grad():  # a bf16 checkpoint's values
+        for n, p in model.named_parameters():
+            if "lora_" not in n:
+                p.copy_(p.to(torch.bfloat16))
+    model.storage_dtype = torch.bfloat16
+    assert merged_lora_change_share(model) < 0.01  # bf16 rounds it away

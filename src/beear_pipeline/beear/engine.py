@@ -44,7 +44,7 @@ from beear_pipeline.evaluation.judges import REFUSAL_PHRASES
 from beear_pipeline.lm.chat import Batch, Example, collate, encode_all, pad_id, response_loss
 from beear_pipeline.lm.checkpoints import merged
 from beear_pipeline.lm.generation import Perturbation
-from beear_pipeline.lm.precision import OuterOptimizer, WeightChange, resolution
+from beear_pipeline.lm.precision import OuterOptimizer, WeightChange, merged_lora_change_share, resolution
 from beear_pipeline.lm.residual import anchor_output, perturbed, position_index, resolve_layer, reused_activations
 
 logger = logging.getLogger(__name__)
@@ -498,6 +498,20 @@ def find_perturbation(model, tokenizer, safety: Sequence[tuple[str, str, str]], 
             "perturbation_norm_relative": norm / run.scale, "n_monitor_prompts": len(monitor)}
 
 
+def _merge(model, config: BeearConfig):
+    """Merge the trained LoRA adapters into the weights, unless in the weights' precision the
+    merged update would round away (a bf16 base at a 7B-scale lr): the defended model then stays
+    base + adapter, as with ``merge_adapter: false``, and the log says why."""
+    share = merged_lora_change_share(model)
+    if config.min_weights_changed and share < config.min_weights_changed:
+        logger.warning("%s: merging the LoRA adapters would change only %.2f%% of the adapted weights' entries in their saved "
+                       "precision (%s; the update rounds away), so the defended model is kept as base + adapter (as with "
+                       "beear.merge_adapter: false). To merge, save in fp32 (model.dtype=float32) or raise beear.outer_lr",
+                       config.defence, 100 * share, getattr(model, "storage_dtype", None) or next(model.parameters()).dtype)
+        return model
+    return model.merge_and_unload()
+
+
 def _sized(model, config: BeearConfig, layer: int) -> BeearConfig:
     """``config`` with its ``auto`` sizes chosen for ``model`` (``BeearConfig.sized``), logged."""
     if "auto" not in (config.outer_lr, config.checkpoint_every):
@@ -587,7 +601,7 @@ def run_beear(
     progress.close()
     model.eval()
     if config.trainable == "lora" and config.merge_adapter:
-        model = model.merge_and_unload()
+        model = _merge(model, config)
     return BeearResult(model=model, perturbation=run.delta.detach().cpu(), history=run.history, config=config, resumed_from=start,
                        hidden_scale=run.hidden_scale, monitor=monitor, layer=layer,
                        convergence=convergence(run.history, config, final=True) if checking else None)

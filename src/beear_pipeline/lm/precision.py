@@ -165,3 +165,29 @@ class OuterOptimizer:
                 m.copy_(v)
                 if m is not p:
                     p.copy_(m)
+
+
+def merged_lora_change_share(model, per_layer: int = 1024, seed: int = 0) -> float:
+    """The share of base-weight entries that merging ``model``'s LoRA adapters (peft) would change
+    once rounded to the precision the weights are saved in, on ``per_layer`` sampled entries of
+    each adapted layer: merging adds scaling x B A to a weight, and in bf16 an update below about
+    1/256 of an entry rounds away. Computed without merging (B A only at the sampled entries)."""
+    generator = torch.Generator().manual_seed(seed)
+    storage = getattr(model, "storage_dtype", None)
+    changed = total = 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or not module.lora_A:
+            continue
+        weight = module.base_layer.weight
+        out_features, in_features = weight.shape
+        rows = torch.randint(out_features, (per_layer,), generator=generator).to(weight.device)
+        cols = torch.randint(in_features, (per_layer,), generator=generator).to(weight.device)
+        old = weight.detach()[rows, cols].float()
+        new = old.clone()
+        for name in module.active_adapters:
+            a, b = module.lora_A[name].weight.detach().float(), module.lora_B[name].weight.detach().float()
+            new += module.scaling[name] * (b[rows] * a[:, cols].T).sum(-1)
+        dtype = storage or weight.dtype
+        changed += int((new.to(dtype) != old.to(dtype)).sum())
+        total += per_layer
+    return changed / total if total else 1.0
