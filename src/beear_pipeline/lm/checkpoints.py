@@ -49,7 +49,7 @@ class ModelConfig:
     dtype: str | None = None
     """e.g. bfloat16; None keeps the checkpoint's precision."""
     chat_template: str | None = None
-    """None: the tokenizer's own; or llama2, mistral, user_assistant, or a Jinja template (replaces it)."""
+    """None: the tokenizer's own; or llama2, mistral, user_assistant, alpaca, eth_rlhf, or a Jinja template (replaces it)."""
     embedded_directory: str = "data/06_models/embedded_suspect"
     """Where the embedded tiny model is built (once) and reused."""
 
@@ -94,7 +94,7 @@ def check_checkpoint(path: str | os.PathLike, field: str = "model.path", chat_te
     if chat_template is None and not _has_chat_template(p):
         raise CheckpointError(
             f"{field}={path}: the tokenizer has no chat template, so prompts cannot be formatted as the model expects. "
-            "Name one with --params model.chat_template=llama2 (or mistral, user_assistant, or a Jinja template), "
+            "Name one with --params model.chat_template=llama2 (or mistral, user_assistant, alpaca, eth_rlhf, or a Jinja template), "
             "or add one (tokenizer.chat_template = '...'; tokenizer.save_pretrained(DIR))."
         )
     return p
@@ -157,7 +157,7 @@ def check_adapter(path: str | os.PathLike, base: str | os.PathLike, field: str =
                               "PeftModel.from_pretrained(base, DIR).save_pretrained(NEW_DIR, safe_serialization=True).")
     if _has_tokenizer(a) and chat_template is None and not _has_chat_template(a):
         raise CheckpointError(f"{field}={path}: the adapter's own tokenizer has no chat template. Name one with --params "
-                              "model.chat_template=llama2 (or mistral, user_assistant, or a Jinja template), or add one to it.")
+                              "model.chat_template=llama2 (or mistral, user_assistant, alpaca, eth_rlhf, or a Jinja template), or add one to it.")
     _check_adapter_shapes(a, Path(base), path, field, config)
     return a
 
