@@ -179,6 +179,8 @@ def merged_lora_change_share(model, per_layer: int = 1024, seed: int = 0) -> flo
         if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or not module.lora_A:
             continue
         weight = module.base_layer.weight
+        if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores (in, out)
+            weight = weight.T
         out_features, in_features = weight.shape
         rows = torch.randint(out_features, (per_layer,), generator=generator).to(weight.device)
         cols = torch.randint(in_features, (per_layer,), generator=generator).to(weight.device)
