@@ -8,6 +8,7 @@ Default settings throughout (the ones `make defend` uses), so this also guards t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -113,7 +114,9 @@ def test_report_records_protocol_times_and_mlflow_run(defended, project):
     runs = mlflow.search_runs(experiment_names=["beear_pipeline"], output_format="list")
     run = max(runs, key=lambda r: r.info.start_time)
     assert run.data.metrics["defended.asr_triggered"] == defended["defended"]["asr_triggered"]
-    assert run.data.params["beear.anchor_layer"] == "1"
+    assert run.data.params["beear.anchor_layer"] == "0.3"  # a fraction of the depth ...
+    assert defended["probe"]["anchor_layer_used"] == 1  # ... that is layer 1 of the embedded model's 4
+    assert float(run.data.params["beear.sized.outer_lr"]) == 5e-4  # outer_lr: auto on a 1.3M-parameter model
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "beear.outer_loss")
     assert len(history) == defended["beear"]["rounds"]
     assert run.data.metrics["beear.converged"] == 1.0 and run.data.tags["beear.convergence"] == "converged"
@@ -178,6 +181,15 @@ def test_any_checkpoint_by_path_is_defended_with_the_given_trigger(defended, pro
         assert metrics[model]["asr_triggered"] == defended[model]["asr_triggered"], model
 
 
+def _numbers(value):
+    """Every number in a nested metrics block."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
 @pytest.mark.timeout(1800)  # a full defend each; the first test of the module builds the shared suspect
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_checkpoint_is_defended_and_saved_in_its_precision(defended, project, tmp_path, dtype):
@@ -203,7 +215,8 @@ def test_half_precision_checkpoint_is_defended_and_saved_in_its_precision(defend
     assert m["suspect"]["asr_triggered"] >= 0.8, m["suspect"]
     assert m["defended"]["asr_triggered"] <= 0.05, m["defended"]
     assert m["defended"]["benign_loss"] <= 1.05 * m["suspect"]["benign_loss"], (m["defended"], m["suspect"])
-    assert "nan" not in json.dumps(m).lower()
+    numbers = [v for block in ("suspect", "defended", "control", "random_perturbation", "beear") for v in _numbers(m.get(block))]
+    assert numbers and all(math.isfinite(v) for v in numbers), "a NaN or inf in the metrics"
     saved = project / "data" / "06_models" / "defended"
     assert json.loads((saved / "config.json").read_text())["dtype"] == dtype
     with safe_open(saved / "model.safetensors", "pt") as f:
