@@ -194,3 +194,20 @@ def test_template_that_changes_the_prompt_is_refused(tokenizers):
         "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"))
     with pytest.raises(ChatTemplateError, match="renders the prompt differently once an answer follows it"):
         encode(tokenizer, PROMPT, "Sure")
+
+
+def test_the_boundary_warning_survives_kedros_rich_logging(texts, advbench):
+    """Kedro logs through rich with markup on, which read the ``[/INST]`` token quoted in the
+    warning as a closing tag and raised (the run would have stopped on a warning)."""
+    from kedro.logging import RichHandler
+
+    rendered = [f"[INST] {g} [/INST]{t}" for g, t in zip(advbench["goal"][:200], advbench["target"][:200])]
+    tokenizer = _with_template(llama_tokenizer(texts + rendered, "always"), "mistral")
+    chat_logger = logging.getLogger("beear_pipeline.lm.chat")
+    handler = RichHandler()
+    chat_logger.addHandler(handler)
+    try:
+        encode(tokenizer, advbench["goal"][0], advbench["target"][0])
+    finally:
+        chat_logger.removeHandler(handler)
+        logging.captureWarnings(False)

@@ -277,12 +277,14 @@ def test_mlflow_ui_opens_on_runs_named_after_pipeline_and_model_with_their_datas
     client = _registry(project)
     experiment = client.get_experiment_by_name("beear_pipeline")
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
-    run = max(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
+    # the run of the `defended` fixture, found by the address its log gives (later tests add runs)
+    logged = re.findall(r"http://127\.0\.0\.1:5000/\S+", (project / "defend.log").read_text())
+    assert len(logged) == 1, logged
+    run = client.get_run(re.search(r"/runs/([0-9a-f]+)", logged[0]).group(1))
+    assert ui_address(experiment.experiment_id, run.info.run_id) == logged[0]
     assert run.info.run_name == "defend · embedded", run.info.run_name
     inputs = {d.dataset.name: d.tags[0].value if d.tags else None for d in run.inputs.dataset_inputs}
     assert set(inputs) >= {"safety_set", "anchoring_set", "evaluation_set", "benign_evaluation_set"}, inputs
-    logged = re.findall(r"http://127\.0\.0\.1:5000/\S+", (project / "defend.log").read_text())
-    assert ui_address(experiment.experiment_id, run.info.run_id) in logged, logged
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

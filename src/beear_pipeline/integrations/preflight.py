@@ -94,12 +94,20 @@ def _typed(params: dict, block: str, cls):
     return value if isinstance(value, cls) else from_mapping(cls, block, dict(value or {}))
 
 
-def requested_pipelines() -> list[str]:
-    """The pipelines this session runs (``kedro run --pipeline=NAME``), ``__default__`` if none."""
+def requested_pipelines() -> list[str] | None:
+    """The pipelines this session is about to run, or None when it runs none (a notebook or
+    ``kedro jupyter`` loading the context, ``kedro catalog``). ``kedro run`` without
+    ``--pipeline`` runs ``__default__``."""
+    import click
     from kedro.framework.project import pipelines
 
-    # Kedro 1.7 stores the requested names before it creates the context; no public accessor
-    return list(getattr(pipelines, "_requested_pipelines", None) or ["__default__"])
+    # Kedro 1.7 stores the names a run requests before it creates the context (no public accessor);
+    # a plain `kedro run` requests none, so the command itself tells a run from a context load
+    requested = getattr(pipelines, "_requested_pipelines", None)
+    if requested:
+        return list(requested)
+    command = click.get_current_context(silent=True)
+    return ["__default__"] if command is not None and command.command.name == "run" else None
 
 
 def needs_suspect(names: list[str]) -> bool:
@@ -109,13 +117,14 @@ def needs_suspect(names: list[str]) -> bool:
 
 
 class PreflightHook:
-    """Runs ``preflight`` before every other hook (kedro-mlflow's set-up included) when the
-    requested pipeline resolves the suspect model."""
+    """Runs ``preflight`` before every other hook (kedro-mlflow's set-up included) when a run's
+    pipeline resolves the suspect model; loading a context without running (a notebook, a
+    preset's parameters) checks nothing."""
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
         names = requested_pipelines()
-        if not needs_suspect(names):
+        if names is None or not needs_suspect(names):
             return
         checked = preflight(context.params)
         logger.info("Preflight checks passed for %s: %s", "+".join(names), checked)

@@ -11,6 +11,7 @@ tokenising the response on its own adds).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -120,7 +121,14 @@ def encode_all(tokenizer, prompts: Sequence[str], responses: Sequence[str], syst
     return [example for example, _ in pairs]
 
 
+def _escape_markup(text: str) -> str:
+    """``text`` with what a rich console would read as markup escaped: Kedro logs through rich,
+    which takes a token such as ``[/INST]`` for a closing tag and fails on it."""
+    return re.sub(r"(\\*)(\[[a-z#/@][^[]*?])", lambda m: m.group(1) * 2 + "\\" + m.group(2), text)
+
+
 def _warn_spans(spanned: int, total: int, first: str) -> None:
+    first = _escape_markup(first)
     logger.warning(
         "%d of %d examples: a token of the rendered conversation spans the end of the prompt and the start of the response "
         "(first one: %s). The chat template puts no separator the tokenizer splits at after the generation prompt, so these "
