@@ -82,3 +82,18 @@ def typed_params(params: dict) -> dict:
 def params(**overrides: dict) -> dict:
     """conf/base parameters with ``overrides``, typed as Kedro types them."""
     return typed_params(raw_params(**overrides))
+
+
+def project_copy(dest):
+    """A copy of the project's configuration and raw data in ``dest``, so ``kedro run`` there
+    does not touch the checkout (the package itself is installed)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "pyproject.toml", dest)
+    shutil.copytree(root / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    (dest / "conf" / "local").mkdir()
+    shutil.copytree(root / "data" / "01_raw", dest / "data" / "01_raw")
+    (dest / "src").mkdir()  # Kedro wants a source folder
+    return dest

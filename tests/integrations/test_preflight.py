@@ -18,22 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import project_copy
 
 from beear_pipeline.integrations.preflight import PreflightError, checkpoint_depth, preflight
 from beear_pipeline.lm.checkpoints import CheckpointError, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "pyproject.toml", dest)
-    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
-    (dest / "conf" / "local").mkdir()
-    shutil.copytree(ROOT / "data" / "01_raw", dest / "data" / "01_raw")
-    (dest / "src").mkdir()
-    return dest
+    """A copy of the project's configuration and raw data, so runs do not touch the checkout."""
+    return project_copy(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture

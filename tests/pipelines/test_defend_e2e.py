@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import project_copy
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.slow
@@ -31,13 +32,7 @@ def kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project's configuration and raw data, so runs do not touch the checkout."""
-    dest = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "pyproject.toml", dest)
-    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
-    (dest / "conf" / "local").mkdir()
-    shutil.copytree(ROOT / "data" / "01_raw", dest / "data" / "01_raw")
-    (dest / "src").mkdir()  # Kedro wants a source folder; the package itself is installed
-    return dest
+    return project_copy(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import raw_params, typed_params
+from helpers import project_copy, raw_params, typed_params
 
 from beear_pipeline.lm.plan import PlanError
 from beear_pipeline.pipeline_registry import register_pipelines
@@ -27,13 +27,7 @@ LLAMA_2_7B = ROOT / "tests" / "data" / "configs" / "llama-2-7b" / "config.json"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project's configuration and raw data, so runs do not touch the checkout."""
-    dest = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "pyproject.toml", dest)
-    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
-    (dest / "conf" / "local").mkdir()
-    shutil.copytree(ROOT / "data" / "01_raw", dest / "data" / "01_raw")
-    (dest / "src").mkdir()  # Kedro wants a source folder; the package itself is installed
-    return dest
+    return project_copy(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")
