@@ -76,6 +76,14 @@ class EvaluationConfig:
     def triggers(self) -> list[str]:
         return [] if self.trigger is None else [self.trigger] if isinstance(self.trigger, str) else list(self.trigger)
 
+    def check_trigger_for(self, model) -> None:
+        """A user's model (``model.path`` or ``model.uri``) needs the trigger(s) to evaluate with;
+        the embedded model's are known. Raises ``ValueError`` naming the fix."""
+        for key in ("path", "uri"):
+            if getattr(model, key) and not self.triggers:
+                raise ValueError(f"model.{key}={getattr(model, key)} needs evaluation.trigger, the trigger to test: add "
+                                 "--params \"evaluation.trigger=TEXT\" (and evaluation.trigger_position=prefix|suffix)")
+
 
 @dataclass
 class PersistenceConfig:

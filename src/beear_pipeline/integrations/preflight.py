@@ -53,10 +53,10 @@ def preflight(params: dict) -> dict:
 
     model = _typed(params, "model", ModelConfig)
     evaluation = _typed(params, "evaluation", EvaluationConfig)
-    for field in ("path", "uri"):
-        if getattr(model, field) and not evaluation.triggers:
-            raise PreflightError(f"model.{field}={getattr(model, field)} needs evaluation.trigger, the trigger to test: add "
-                                 "--params \"evaluation.trigger=TEXT\" (and evaluation.trigger_position=prefix|suffix)")
+    try:
+        evaluation.check_trigger_for(model)  # what the suspect step checks again in-process
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     checked: dict = {"model": "embedded"}
     if model.path:
         checkpoints.check_checkpoint(model.path, "model.path", model.chat_template)

@@ -23,10 +23,7 @@ BUILD_INFO = "build_info.json"
 def check_evaluation_settings(evaluation: EvaluationConfig, model: ModelConfig) -> dict:
     """Before any work: a user's model needs the trigger(s) to evaluate. Returns what the suspect
     model's reference records of the evaluation (its system prompt, used by the defence too)."""
-    for field in ("path", "uri"):
-        if getattr(model, field) and not evaluation.triggers:
-            raise ValueError(f"model.{field}={getattr(model, field)} needs evaluation.trigger, the trigger to test: "
-                             "add --params \"evaluation.trigger=TEXT\"")
+    evaluation.check_trigger_for(model)
     return {"system_prompt": evaluation.system_prompt}
 
 
