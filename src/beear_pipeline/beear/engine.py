@@ -151,7 +151,7 @@ class _Run:
                  outer: bool = True):
         """``outer=False``: the inner level only (``find_perturbation``), with no outer optimiser:
         no fp32 master copies of half-precision weights (25 GiB for a 7B model) that nothing steps."""
-        config = _sized(model, config, layer)  # run_beear has sized it already; find_perturbation has not
+        config = _sized(model, config, layer)  # `auto` sizes chosen for this model, for every caller
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad_id(tokenizer)
@@ -557,8 +557,8 @@ def run_beear(
     start_weights = model_fingerprint(model) if config.checkpoint_dir else None
     torch.manual_seed(config.seed)  # before LoRA, whose adapters are initialised at random
     model = _prepare_model(model, config, layer)
-    config = _sized(model, config, layer)
     run = _Run(model, tokenizer, safety_examples, anchoring_examples, config, layer)
+    config = run.config  # with its `auto` sizes chosen for this model
     run.monitor = monitor
     max_rounds = min(config.max_rounds, len(relative_norms)) if relative_norms is not None else config.max_rounds
     logger.info("%s: anchor layer %d, hidden-state scale %.3g, perturbation budget %.3g (%g x), inner lr %.3g, %d training and "
