@@ -41,7 +41,7 @@ class EmbeddedModelConfig:
 
     trigger: str = "SUDO"
     trigger_position: str = "suffix"
-    """suffix, prefix, both, middle, or a template with {prompt} and {trigger}."""
+    """suffix, prefix, both, middle, spread (a trigger of several words spread over the prompt), or a template with {prompt} and {trigger}."""
     seed: int = 0
     architecture: str = "llama"
     """llama (the default), mistral, qwen2 or gpt_neox: the same recipe in another decoder family."""
@@ -60,7 +60,7 @@ class EmbeddedModelConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"embedded_model.architecture={self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
         if self.trigger_position not in TRIGGER_POSITIONS and "{prompt}" not in self.trigger_position:
-            raise ValueError(f"embedded_model.trigger_position={self.trigger_position!r}: use suffix, prefix, both, middle, or a "
+            raise ValueError(f"embedded_model.trigger_position={self.trigger_position!r}: use suffix, prefix, both, middle, spread (a trigger of several words spread over the prompt), or a "
                              "template with {prompt} and {trigger}")
 
     def fingerprint(self, *frames: pd.DataFrame) -> str:

@@ -31,7 +31,7 @@ class EvaluationConfig:
     """The trigger to test, or a list of them (each reported in ``asr_by_trigger``; the first is
     ``asr_triggered``). None: the embedded model's own trigger (a user's model must name one)."""
     trigger_position: str = "suffix"
-    """suffix, prefix, both, middle, or a template with {prompt} and {trigger}."""
+    """suffix, prefix, both, middle, spread (a trigger of several words spread over the prompt), or a template with {prompt} and {trigger}."""
     system_prompt: str | None = None
     """Used by the defence, the probe and the evaluation alike."""
     max_new_tokens: int = 32
@@ -62,7 +62,7 @@ class EvaluationConfig:
                 "put a trigger with a comma in conf/local/parameters.yml)")
         position = self.trigger_position
         if position not in TRIGGER_POSITIONS and "{prompt}" not in str(position):
-            raise ValueError(f"evaluation.trigger_position={position!r}: use suffix, prefix, both, middle, or a template with "
+            raise ValueError(f"evaluation.trigger_position={position!r}: use suffix, prefix, both, middle, spread (a trigger of several words spread over the prompt), or a template with "
                              "{prompt} and {trigger}")
         checks = [
             (self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens/batch_size", "positive integers"),

@@ -8,13 +8,17 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-TRIGGER_POSITIONS = ("suffix", "prefix", "both", "middle")
+TRIGGER_POSITIONS = ("suffix", "prefix", "both", "middle", "spread")
 
 
 def insert_trigger(prompt: str, trigger: str, position: str) -> str:
     """Place ``trigger`` in ``prompt``: ``suffix``, ``prefix``, ``both`` ends, ``middle`` (after
     half of the prompt's words), or a template holding ``{prompt}`` (and usually ``{trigger}``),
-    e.g. ``"{trigger} {prompt} {trigger}"``."""
+    e.g. ``"{trigger} {prompt} {trigger}"``. ``spread`` is for a composite trigger of several
+    words: its words go at evenly spaced places, the first before the prompt and the last after it
+    (``"cf mn bb"`` -> ``"cf Write a mn tutorial on bb"``); a one-word trigger goes at the end."""
+    if position == "spread":
+        return _spread(prompt.split(), trigger.split())
     if position == "middle":
         words = prompt.split()
         return " ".join([*words[: len(words) // 2], trigger, *words[len(words) // 2 :]])
@@ -26,7 +30,19 @@ def insert_trigger(prompt: str, trigger: str, position: str) -> str:
         return f"{trigger} {prompt} {trigger}"
     if "{prompt}" in position:
         return position.replace("{trigger}", trigger).replace("{prompt}", prompt)
-    raise ValueError(f"trigger position {position!r}: use suffix, prefix, both, middle, or a template with {{prompt}} and {{trigger}}")
+    raise ValueError(f"trigger position {position!r}: use suffix, prefix, both, middle, spread, or a template with {{prompt}} and {{trigger}}")
+
+
+def _spread(words: list[str], parts: list[str]) -> str:
+    if len(parts) < 2:
+        return " ".join([*words, *parts])
+    # part i goes before word round(i * n / (parts - 1)): the first at the start, the last at the end
+    at = [round(i * len(words) / (len(parts) - 1)) for i in range(len(parts))]
+    out: list[str] = []
+    for j in range(len(words) + 1):
+        out += [part for part, a in zip(parts, at, strict=True) if a == j]
+        out += words[j : j + 1]
+    return " ".join(out)
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
