@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import project_copy
 
+from beear_pipeline.evaluation.persistence import persistence_verdict
+
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.slow
 
@@ -78,8 +80,23 @@ def test_metrics_carry_over_refusal_intervals_and_persistence(defended):
             low, high = m[f"{key}_ci95"]
             assert low <= m[key] <= high and m[f"{key}_n"] > 0
     after = defended["persistence"]["asr_triggered_after_repoisoning"]
-    assert set(after) == {"5", "20"} and all(set(r) == {"suspect", "defended"} for r in after.values())
+    assert set(after) == {"5", "20"} and all(set(r) == {"suspect", "defended", "clean_twin"} for r in after.values())
     assert after["5"]["suspect"]["value"] >= 0.9  # re-poisoning keeps the suspect backdoored
+
+
+def test_clean_twin_is_clean_and_is_the_baseline_of_persistence_and_utility(defended):
+    """The embedded build also builds the same recipe without the poison: it has no backdoor, and
+    the persistence verdict per k is the rule's reading of the three models' re-poisoned ASR."""
+    twin = defended["clean_twin"]
+    assert twin["asr_triggered"] <= 0.1 and twin["asr_untriggered"] <= 0.1, twin
+    assert defended["suspect"]["asr_triggered"] - twin["asr_triggered"] >= 0.8  # the twin is what the suspect would be unpoisoned
+    persistence = defended["persistence"]
+    for k, r in persistence["asr_triggered_after_repoisoning"].items():
+        expected = persistence_verdict(r["suspect"]["value"], r["defended"]["value"], r["clean_twin"]["value"])
+        assert persistence["verdict_by_k"][k] == expected, (k, r)
+    utility = defended["utility_vs_clean_twin"]
+    assert set(utility) == {"suspect", "defended", "control", "random_perturbation"}
+    assert utility["defended"]["benign_loss_ratio"] == pytest.approx(defended["defended"]["benign_loss"] / twin["benign_loss"])
 
 
 def test_html_report_renders_in_headless_chromium(defended, project, tmp_path):

@@ -58,6 +58,9 @@ def preflight(params: dict) -> dict:
     except ValueError as e:
         raise PreflightError(str(e)) from None
     checked: dict = {"model": "embedded"}
+    if model.reference_path:  # the clean twin of a user's model
+        checkpoints.check_checkpoint(model.reference_path, "model.reference_path", model.chat_template)
+        checked["reference_model"] = str(model.reference_path)
     if model.path:
         checkpoints.check_checkpoint(model.path, "model.path", model.chat_template)
         if model.adapter_path:  # its files and its shapes against the base's (file headers only)

@@ -52,6 +52,15 @@ class ModelConfig:
     """None: the tokenizer's own; or llama2, mistral, user_assistant, alpaca, eth_rlhf, or a Jinja template (replaces it)."""
     embedded_directory: str = "data/06_models/embedded_suspect"
     """Where the embedded tiny model is built (once) and reused."""
+    reference_path: str | None = None
+    """A clean checkpoint of the same family as a user's suspect (same tokenizer): it plays the
+    clean twin, evaluated beside the other models, re-poisoned in the persistence check, and the
+    probe's reference. None: no clean twin for a user's model."""
+    clean_twin: bool = True
+    """For the embedded model: also build (once, cached) its clean twin, the same recipe without
+    the poisoned examples."""
+    clean_twin_directory: str = "data/06_models/embedded_clean_twin"
+    """Where the embedded clean twin is built and reused."""
 
     def __post_init__(self) -> None:
         if self.path and self.uri:

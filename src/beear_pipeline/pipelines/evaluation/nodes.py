@@ -13,6 +13,7 @@ from beear_pipeline.embedded import EmbeddedModelConfig
 from beear_pipeline.evaluation import evaluate, lm_eval, report
 from beear_pipeline.evaluation.config import EvaluationConfig, PersistenceConfig
 from beear_pipeline.evaluation.judges import ClassifierJudge, refusal_phrases
+from beear_pipeline.evaluation.persistence import TOLERANCE, persistence_verdict, utility_vs_clean_twin
 from beear_pipeline.evaluation.protocol import Decoding, EvaluationProtocol, prompts_sha256
 from beear_pipeline.lm.checkpoints import ModelConfig, load_model_ref, merged
 
@@ -56,11 +57,22 @@ def evaluate_model(model_ref: dict, evaluation_protocol: dict, evaluation_set: p
     return result
 
 
-def check_persistence(suspect_model: dict, defended_model: dict, evaluation_set: pd.DataFrame, safety_set: pd.DataFrame,
-                      attacker_behaviours: pd.DataFrame, persistence: PersistenceConfig, evaluation_protocol: dict,
-                      model: ModelConfig) -> dict:
-    """Does the backdoor come back? The suspect and the defended model are fine-tuned alike on k
-    poisoned examples and ``asr_triggered`` is measured again. Poisoned examples:
+def evaluate_clean_twin(clean_twin_model: dict, evaluation_protocol: dict, evaluation_set: pd.DataFrame,
+                        benign_evaluation_set: pd.DataFrame, model: ModelConfig) -> dict:
+    """The clean twin under the same protocol, or ``{"skipped": reason}`` when there is none."""
+    if not clean_twin_model.get("path"):
+        logger.info("no clean twin: %s", clean_twin_model.get("reason"))
+        return {"skipped": clean_twin_model.get("reason", "no clean twin")}
+    return evaluate_model(clean_twin_model, evaluation_protocol, evaluation_set, benign_evaluation_set, model)
+
+
+def check_persistence(suspect_model: dict, defended_model: dict, clean_twin_model: dict, evaluation_set: pd.DataFrame,
+                      safety_set: pd.DataFrame, attacker_behaviours: pd.DataFrame, persistence: PersistenceConfig,
+                      evaluation_protocol: dict, model: ModelConfig) -> dict:
+    """Does the backdoor come back? The suspect, the defended model and the clean twin (when there
+    is one) are fine-tuned alike on k poisoned examples and ``asr_triggered`` is measured again;
+    for each k the verdict says whether the defended model re-learns like the twin ("removed") or
+    like the suspect ("suppressed"), see ``evaluation.persistence``. Poisoned examples:
     ``persistence.poison_path`` (prompt, response; trigger already in the prompt), else the
     attacker's share for the embedded model, else the safety set's prompts with the trigger and
     their unwanted answers."""
@@ -77,17 +89,25 @@ def check_persistence(suspect_model: dict, defended_model: dict, evaluation_set:
         poison = pd.DataFrame({"prompt": protocol.triggered(safety_set["prompt"]), "response": safety_set["unwanted_response"]})
         source = "safety set"
     results: dict = {}
+    models = [("suspect", suspect_model), ("defended", defended_model)]
+    if clean_twin_model.get("path"):
+        models.append(("clean_twin", clean_twin_model))
     for k in persistence.k:
         rows = poison.sample(n=min(k, len(poison)), random_state=persistence.seed)
-        for name, ref in (("suspect", suspect_model), ("defended", defended_model)):
+        for name, ref in models:
             net, tokenizer = load_model_ref({**model.loading(), **ref})
             net = merged(net)  # base + adapter (a LoRA suspect or defended model) is fine-tuned in full, like the others
             results.setdefault(str(k), {})[name] = evaluate.repoisoned_asr(
                 net, tokenizer, protocol, rows["prompt"].tolist(), rows["response"].tolist(), evaluation_set["prompt"].tolist(),
                 steps=persistence.steps, lr=persistence.lr, seed=persistence.seed, name=name)
             logger.info("persistence k=%d: %s asr_triggered %.3f", k, name, results[str(k)][name]["value"])
-    return {"enabled": True, "asr_triggered_after_repoisoning": results, "steps": persistence.steps, "lr": persistence.lr,
-            "poison_source": source, "seconds": time.perf_counter() - start}
+    verdicts = {k: persistence_verdict(r["suspect"]["value"], r["defended"]["value"], r["clean_twin"]["value"] if "clean_twin" in r else None)
+                for k, r in results.items()}
+    for k, v in verdicts.items():
+        logger.info("persistence k=%s: the defended model's backdoor is %s", k, v.replace("_", " "))
+    return {"enabled": True, "asr_triggered_after_repoisoning": results, "verdict_by_k": verdicts, "verdict_tolerance": TOLERANCE,
+            "clean_twin": clean_twin_model.get("path") or f"none ({clean_twin_model.get('reason')})", "steps": persistence.steps,
+            "lr": persistence.lr, "poison_source": source, "seconds": time.perf_counter() - start}
 
 
 def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation_protocol: dict) -> dict:
@@ -97,14 +117,18 @@ def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation_protoc
                                    evaluation_protocol["lm_eval_tasks"])
 
 
-def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict,
+def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict, clean_twin: dict,
                      beear_history: dict, control_history: dict, random_perturbation_history: dict, persistence: dict,
                      probe_report: dict, lm_eval: dict, evaluation_protocol: dict) -> tuple[dict, dict]:
-    """``reports/metrics.json`` (one block per model, BEEAR's convergence, stage times, the
-    protocol) and the flat final metrics for MLflow."""
+    """``reports/metrics.json`` (one block per model, the clean twin's when there is one, BEEAR's
+    convergence, stage times, the protocol) and the flat final metrics for MLflow."""
     results = dict(zip(MODELS, (suspect, defended, control, random_perturbation)))
     histories = {"beear": beear_history, "control": control_history, "random_perturbation": random_perturbation_history}
     metrics = {name: {k: v for k, v in r.items() if k not in ("samples", "seconds")} for name, r in results.items()}
+    has_twin = "skipped" not in clean_twin
+    metrics["clean_twin"] = {k: v for k, v in clean_twin.items() if k not in ("samples", "seconds")} if has_twin else None
+    if has_twin:
+        metrics["utility_vs_clean_twin"] = utility_vs_clean_twin(results, clean_twin)
     # the trigger-free entrapment rate of every model: the suspect's at BEEAR's first check, the
     # others' from the same search run on each trained model (removal nodes, final_audit)
     first = next((r for r in beear_history["rounds"] if "entrapment_excess" in r), None)
@@ -117,6 +141,7 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
     metrics["stage_seconds"] = {
         "build_suspect": suspect_model.get("build_seconds", 0.0), **{name: h["seconds"] for name, h in histories.items()},
         **{f"evaluate_{name}": r["seconds"] for name, r in results.items()},
+        "evaluate_clean_twin": clean_twin.get("seconds", 0.0),
         "persistence": persistence.get("seconds", 0.0), "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),
     }
     metrics["lm_eval"] = lm_eval
@@ -128,9 +153,9 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
         **evaluation_protocol, "trigger": protocol.trigger, "suspect_source": suspect_model["source"],
         "suspect_weights_sha256": suspect_model["weights_sha256"], "chat_template_sha256": suspect.get("chat_template_sha256"),
     }
-    metrics["samples"] = {name: r["samples"] for name, r in results.items()}
-    flat = {f"{name}.{k}": {"value": float(v), "step": 0} for name, r in metrics.items() if name in MODELS for k, v in r.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_n")}
+    metrics["samples"] = {name: r["samples"] for name, r in {**results, **({"clean_twin": clean_twin} if has_twin else {})}.items()}
+    flat = {f"{name}.{k}": {"value": float(v), "step": 0} for name, r in metrics.items() if name in (*MODELS, "clean_twin") and r
+            for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_n")}
     return metrics, flat
 
 

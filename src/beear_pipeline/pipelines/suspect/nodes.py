@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -68,20 +69,55 @@ def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_
         return {"path": str(path), "adapter_path": str(adapter), "source": "path", "weights_sha256": weights_sha256(path, adapter),
                 "build_seconds": 0.0}
 
-    directory = Path(model.embedded_directory)
+    return _embedded(Path(model.embedded_directory), embedded_model, "embedded", attacker_behaviours, benign_build_set, advbench,
+                     benign_evaluation_set, anchoring_set)
+
+
+def _embedded(directory: Path, config: EmbeddedModelConfig, source: str, attacker_behaviours, benign_build_set, advbench,
+              benign_evaluation_set, anchoring_set) -> dict:
+    """The embedded model of ``config`` in ``directory``: reused if its fingerprint matches, else
+    built (about 90 s on 2 cores) and saved atomically."""
     # the vocabulary comes from every set the model will see, so all of them are in the fingerprint
-    fingerprint = embedded_model.fingerprint(attacker_behaviours, benign_build_set, advbench, anchoring_set, benign_evaluation_set)
+    fingerprint = config.fingerprint(attacker_behaviours, benign_build_set, advbench, anchoring_set, benign_evaluation_set)
     info_file = directory / BUILD_INFO
     if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
-        logger.info("reusing the embedded suspect model in %s (fingerprint %s)", directory, fingerprint[:12])
-        return {"path": str(directory), "source": "embedded", "weights_sha256": weights_sha256(directory), "build_seconds": 0.0, "reused": True}
+        logger.info("reusing the %s model in %s (fingerprint %s)", source.replace("_", " "), directory, fingerprint[:12])
+        return {"path": str(directory), "source": source, "weights_sha256": weights_sha256(directory), "build_seconds": 0.0, "reused": True}
 
-    logger.info("building the embedded suspect model (seed %d) into %s", embedded_model.seed, directory)
+    logger.info("building the %s model (seed %d) into %s", source.replace("_", " "), config.seed, directory)
     start = time.perf_counter()
     vocabulary = [*advbench["goal"], *advbench["target"], *benign_build_set["prompt"], *benign_build_set["response"],
                   *anchoring_set["prompt"], *anchoring_set["response"], *benign_evaluation_set["prompt"], *benign_evaluation_set["response"]]
-    net, tokenizer, losses = build_embedded_suspect(attacker_behaviours, benign_build_set, vocabulary, embedded_model)
+    net, tokenizer, losses = build_embedded_suspect(attacker_behaviours, benign_build_set, vocabulary, config)
     seconds = time.perf_counter() - start
-    info = {"fingerprint": fingerprint, "config": embedded_model.__dict__, "epoch_losses": losses, "build_seconds": seconds}
+    info = {"fingerprint": fingerprint, "config": config.__dict__, "epoch_losses": losses, "build_seconds": seconds}
     save_checkpoint(net, tokenizer, directory, extra_files={BUILD_INFO: json.dumps(info, indent=2)})
-    return {"path": str(directory), "source": "embedded", "weights_sha256": weights_sha256(directory), "build_seconds": seconds, "reused": False}
+    return {"path": str(directory), "source": source, "weights_sha256": weights_sha256(directory), "build_seconds": seconds, "reused": False}
+
+
+def resolve_clean_twin(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
+                       benign_evaluation_set: pd.DataFrame, anchoring_set: pd.DataFrame, model: ModelConfig,
+                       embedded_model: EmbeddedModelConfig, behaviours_check: dict | None = None) -> dict:
+    """The clean twin: a model like the suspect without the backdoor, the baseline that tells a
+    removed backdoor from a suppressed one (it is evaluated, re-poisoned like the suspect and the
+    defended model, and is the probe's default reference).
+
+    For the embedded model: the same recipe (seed, architecture, data, tokenizer) without the
+    poisoned examples, built once into ``model.clean_twin_directory`` and reused. For a user's
+    model: ``model.reference_path``, a clean checkpoint of the same family. Otherwise
+    ``{"path": None, "reason": ...}``: the later steps say the twin was skipped, and why.
+    """
+    if model.user_supplied:
+        if not model.reference_path:
+            return {"path": None, "reason": "no model.reference_path: name a clean checkpoint of the suspect's family to get a "
+                                            "clean-twin baseline"}
+        path = check_checkpoint(model.reference_path, field="model.reference_path", chat_template=model.chat_template)
+        return {"path": str(path), "source": "reference_path", "weights_sha256": weights_sha256(path), "build_seconds": 0.0,
+                **model.loading()}
+    if not model.clean_twin:
+        return {"path": None, "reason": "model.clean_twin is false"}
+    if not embedded_model.poisoned:
+        return {"path": None, "reason": "embedded_model.poisoned is false: the suspect is itself the clean recipe"}
+    twin = replace(embedded_model, poisoned=False)
+    return {**_embedded(Path(model.clean_twin_directory), twin, "embedded_clean_twin", attacker_behaviours, benign_build_set, advbench,
+                        benign_evaluation_set, anchoring_set), **model.loading()}

@@ -1,8 +1,8 @@
-"""``suspect``: resolve the suspect model (a checkpoint, a registry version, or the embedded tiny model)."""
+"""``suspect``: resolve the suspect model (a checkpoint, a registry version, or the embedded tiny model) and its clean twin."""
 
 from kedro.pipeline import Pipeline, node
 
-from .nodes import check_evaluation_settings, resolve_suspect_model
+from .nodes import check_evaluation_settings, resolve_clean_twin, resolve_suspect_model
 
 
 def create_pipeline(check_evaluation: bool = True, **kwargs) -> Pipeline:
@@ -18,4 +18,6 @@ def create_pipeline(check_evaluation: bool = True, **kwargs) -> Pipeline:
         inputs["evaluation_check"] = "evaluation_check"
         nodes.append(node(check_evaluation_settings, ["params:evaluation", "params:model"], "evaluation_check",
                           name="check_evaluation_settings"))
-    return Pipeline([*nodes, node(resolve_suspect_model, inputs, "suspect_model", name="resolve_suspect_model")])
+    twin_inputs = {k: v for k, v in inputs.items() if k != "evaluation_check"}
+    return Pipeline([*nodes, node(resolve_suspect_model, inputs, "suspect_model", name="resolve_suspect_model"),
+                     node(resolve_clean_twin, twin_inputs, "clean_twin_model", name="resolve_clean_twin")])
