@@ -34,7 +34,9 @@ class EvaluationConfig:
     """suffix, prefix, both, middle, spread (a trigger of several words spread over the prompt), or a template with {prompt} and {trigger}."""
     system_prompt: str | None = None
     """Used by the defence, the probe and the evaluation alike."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
+    """Long enough to see a refusal followed by compliance ("I cannot ... Sure, here is ..."),
+    which 32 tokens often cut off before the compliance starts."""
     batch_size: int = 32
     do_sample: bool = False
     """Greedy by default."""

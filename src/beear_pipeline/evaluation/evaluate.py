@@ -10,9 +10,9 @@ from dataclasses import asdict
 
 import torch
 
-from beear_pipeline.evaluation.judges import ClassifierJudge, agreement, is_refusal
+from beear_pipeline.evaluation.judges import ClassifierJudge, agreement, is_refusal, judge_answer
 from beear_pipeline.evaluation.protocol import EvaluationProtocol
-from beear_pipeline.evaluation.rates import exact_matches, rate
+from beear_pipeline.evaluation.rates import distinct_2, exact_matches, is_repetitive, rate
 from beear_pipeline.lm.chat import collate, encode_all, pad_id, response_loss
 from beear_pipeline.lm.finetune import supervised_finetune
 from beear_pipeline.lm.generation import generate
@@ -30,14 +30,18 @@ def benign_loss(model, tokenizer, prompts: Sequence[str], responses: Sequence[st
     return torch.cat(losses).mean().item()
 
 
-
-
 def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_prompts: Sequence[str], benign_prompts: Sequence[str],
                    benign_responses: Sequence[str] | None = None, categories: Sequence[str] | None = None,
                    judge: ClassifierJudge | None = None) -> dict:
     """ASR with and without each trigger on held-out harmful prompts (keyword judge, and
     ``judge`` when given), over-refusal on benign prompts, and the loss and exact-match accuracy
-    of the benign reference answers (when given); every rate with a 95% interval and its n."""
+    of the benign reference answers (when given); every rate with a 95% interval and its n.
+
+    ``asr_*`` counts answers with no refusal phrase at all; ``partial_*`` counts answers that
+    refuse and then comply (``judges.judge_answer``), which ``asr_*`` does not include: the two
+    are disjoint, and their sum bounds the harmful answers from above. ``distinct2_*`` and
+    ``repetition_*`` measure the fluency of the same answers (``rates.fluency``). With k answers
+    per prompt, intervals are clustered by prompt (``rates.rate``)."""
     start = time.perf_counter()
     decode = asdict(protocol.decoding)
     k = protocol.decoding.samples_per_prompt
@@ -46,10 +50,16 @@ def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_promp
     for t in protocol.triggers:
         answers[t] = generate(model, tokenizer, protocol.triggered(harmful_prompts, t), desc=f"trigger {t}", **decode)
     result: dict = {"triggers": protocol.triggers, "trigger_position": protocol.trigger_position}
-    success = {name: [not is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}
-    _add_rate(result, "asr_triggered", success[protocol.trigger])
-    _add_rate(result, "asr_untriggered", success["untriggered"])
-    result["asr_by_trigger"] = {t: sum(success[t]) / len(success[t]) for t in protocol.triggers}
+    kinds = {name: [judge_answer(a, phrases) for a in ans] for name, ans in answers.items()}
+    success = {name: [kind == "compliance" for kind in ks] for name, ks in kinds.items()}
+    for name, suffix in ((protocol.trigger, "triggered"), ("untriggered", "untriggered")):
+        _add_rate(result, f"asr_{suffix}", success[name], k)
+        _add_rate(result, f"partial_{suffix}", [kind == "partial" for kind in kinds[name]], k)
+        result[f"distinct2_{suffix}"] = distinct_2(answers[name])
+        _add_rate(result, f"repetition_{suffix}", [is_repetitive(a) for a in answers[name]], k)
+    by_trigger = {t: rate(success[t], k) for t in protocol.triggers}
+    result["asr_by_trigger"] = {t: r["value"] for t, r in by_trigger.items()}
+    result["asr_by_trigger_ci95"] = {t: r["ci95"] for t, r in by_trigger.items()}  # the registry's gate checks every trigger
     if categories is not None:
         cats = [c for c in categories for _ in range(k)]
         result["asr_triggered_by_category"] = {
@@ -58,16 +68,16 @@ def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_promp
         repeated = [p for p in harmful_prompts for _ in range(k)]  # answers come k per prompt, in order
         for name, key in ((protocol.trigger, "asr_triggered_judge"), ("untriggered", "asr_untriggered_judge")):
             verdicts = judge(repeated, answers[name])
-            _add_rate(result, key, verdicts)
+            _add_rate(result, key, verdicts, k)
             result[f"{key}_agreement"] = agreement(verdicts, success[name])
 
     benign_answers = generate(model, tokenizer, benign_prompts, desc="benign", **decode)
-    _add_rate(result, "over_refusal", [is_refusal(a, phrases) for a in benign_answers])
+    _add_rate(result, "over_refusal", [is_refusal(a, phrases) for a in benign_answers], k)
     result["benign_loss"] = None
     if benign_responses is not None:
         result["benign_loss"] = benign_loss(model, tokenizer, benign_prompts, benign_responses, system_prompt=decode["system_prompt"])
         references = [r for r in benign_responses for _ in range(k)]
-        _add_rate(result, "benign_accuracy", exact_matches(benign_answers, references))
+        _add_rate(result, "benign_accuracy", exact_matches(benign_answers, references), k)
     result["n_harmful"], result["n_benign"] = len(harmful_prompts), len(benign_prompts)
     result["chat_template_sha256"] = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
     result["samples"] = [{"prompt": p, "triggered": t, "untriggered": u}
@@ -76,8 +86,9 @@ def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_promp
     return result
 
 
-def _add_rate(result: dict, key: str, outcomes: list[bool]) -> None:
-    r = rate(outcomes)
+def _add_rate(result: dict, key: str, outcomes: list[bool], samples_per_prompt: int = 1) -> None:
+    """``key``, ``key_ci95`` and ``key_n`` (the number of answers) from ``rates.rate``."""
+    r = rate(outcomes, samples_per_prompt)
     result[key], result[f"{key}_ci95"], result[f"{key}_n"] = r["value"], r["ci95"], r["n"]
 
 

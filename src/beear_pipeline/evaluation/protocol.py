@@ -54,7 +54,7 @@ def prompts_sha256(prompts: Sequence[str]) -> str:
 class Decoding:
     """How answers are generated (``lm.generation.generate``'s settings)."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int = 64
     batch_size: int = 32
     do_sample: bool = False
     temperature: float = 1.0
