@@ -63,24 +63,38 @@ def default_sets(advbench, params=PARAMS):
     return build_safety_set(defender, params), anchoring, build_evaluation_set(evaluation, params), benign_eval
 
 
+def digests(frames) -> list[str]:
+    return [hashlib.sha256(f.to_json(orient="records", lines=True, force_ascii=False).encode()).hexdigest() for f in frames]
+
+
 def test_default_sets_are_unchanged(advbench):
-    """The shipped defaults hold exactly the rows the embedded model's results were validated on."""
+    """The shipped defaults hold exactly the rows the embedded model's results are checked on:
+    the near-duplicate-grouped split of issue 13, and with near_duplicates.split=false the plain
+    seeded shuffle from before it, row for row (the threat-model options stay off by default)."""
     expected = {  # sha256 of each set as JSON Lines, with the default parameters
+        "safety_set": "d57899b82af692a78e2c8f160a029ced2dffbb654ef8747a36d75c675d99e678",
+        "anchoring_set": "2adcf39ed4ebc6e3bc066e7afbd0076f30d60295b87518fea1712b49d2868037",
+        "evaluation_set": "ad89fd81691b0adafecb395dff4379ab48528d0cb0cf880f96a36a47e6c3675e",
+        "benign_evaluation_set": "cbaddddb2a9b8646e324befe06908053f4019187eeb5e815f699d29e44eb67c6",
+    }
+    assert dict(zip(expected, digests(default_sets(advbench, DEFAULTS)))) == expected
+    before_issue_13 = {  # the same with near_duplicates.split=false: the sets the README's numbers were first measured on
         "safety_set": "9f3997a7bebe271772998bca461bbb287848fdf05ab6193d51ae2fa8cbb979d6",
         "anchoring_set": "2adcf39ed4ebc6e3bc066e7afbd0076f30d60295b87518fea1712b49d2868037",
         "evaluation_set": "a9c86c5e746757c9bac80d8970ad4ea6608fbf7a31d102b03cea032569af88ab",
         "benign_evaluation_set": "cbaddddb2a9b8646e324befe06908053f4019187eeb5e815f699d29e44eb67c6",
     }
-    sets = dict(zip(expected, default_sets(advbench, DEFAULTS)))
-    for name, frame in sets.items():
-        digest = hashlib.sha256(frame.to_json(orient="records", lines=True, force_ascii=False).encode()).hexdigest()
-        assert digest == expected[name], name
+    shuffle = params(behaviours={"near_duplicates": {"split": False}})["behaviours"]
+    assert dict(zip(expected, digests(default_sets(advbench, shuffle)))) == before_issue_13
 
 
 def test_validation_passes_on_the_defaults_and_reports_sizes(advbench):
     report = validate_behaviours(*default_sets(advbench), PARAMS, ModelConfig())
     assert report["success"] and report["failed"] == 0 and report["tokenizer"] == "whitespace"
-    assert {c["check"] for c in report["checks"]} == {"missing_column", "min_rows", "empty", "duplicate", "identical", "too_long", "leak"}
+    assert {c["check"] for c in report["checks"]} == {"missing_column", "min_rows", "empty", "duplicate", "identical", "too_long", "leak",
+                                                      "near_duplicate"}
+    assert report["near_duplicates"]["evaluation~safety"] == {"unexpected_count": 0, "share": 0.0, "examples": []}
+    assert "warnings" not in report
     check = check_behaviours(report)
     assert check["disjoint"] is True
     assert check["rows"] == {"safety_set": 104, "anchoring_set": 120, "evaluation_set": 104, "benign_evaluation_set": 110}
@@ -88,7 +102,7 @@ def test_validation_passes_on_the_defaults_and_reports_sizes(advbench):
 
 def test_validation_fails_on_a_leaked_evaluation_prompt(advbench):
     safety, anchoring, evaluation, benign_eval = default_sets(advbench)
-    leaked = evaluation["prompt"].iloc[0]
+    leaked = min(evaluation["prompt"], key=len)  # short enough to be quoted whole
     safety.loc[len(safety)] = [leaked.upper() + "!", "I cannot.", "Sure"]
     anchoring.loc[len(anchoring)] = [benign_eval["prompt"].iloc[3], "ok"]
     report = validate_behaviours(safety, anchoring, evaluation, benign_eval, PARAMS, ModelConfig())
@@ -97,6 +111,9 @@ def test_validation_fails_on_a_leaked_evaluation_prompt(advbench):
     assert "AdvBench defender share, column 'prompt': 1 prompt(s) also in the evaluation set" in str(err.value)
     assert f"rows 105: {leaked.upper() + '!'!r}" in str(err.value)
     assert "(anchoring share), column 'prompt': 1 prompt(s) also in the benign set" in str(err.value)
+    # the same leak is a near-duplicate (similarity 1.0): a warning, not a third failure, by default
+    assert report["warnings"] == [c["message"] for c in report["checks"] if c["check"] == "near_duplicate" and not c["success"]]
+    assert "1 of 104 evaluation prompt(s) (1.0%) have a near-duplicate" in report["warnings"][0]
 
 
 def test_a_users_model_on_the_toy_sets_is_warned_with_the_sets_to_provide(advbench, tiny_model, tokenizer, tmp_path, caplog):

@@ -3,13 +3,17 @@
 Each set (safety, anchoring, evaluation, benign evaluation; see ``behaviour_files.SCHEMAS``) is
 checked for: required columns present; text cells non-empty; no duplicated prompt (case,
 whitespace and punctuation folded); a safe answer that differs from the unwanted one on every row;
-prompts and answers within the token limits; a minimum number of rows; and no prompt of a defender
+prompts and answers within the token limits; a minimum number of rows; no prompt of a defender
 set (safety, anchoring) in an evaluation set, since a leaked evaluation prompt inflates the
-results.
+results; and no evaluation prompt with a near-duplicate (token Jaccard >=
+``behaviours.near_duplicates.threshold``, ``behaviours.similarity``) in the safety or anchoring
+set, a reworded leak. A near-duplicate is a warning (logged, and listed in the report with the
+worst pairs) unless ``behaviours.near_duplicates.fail`` makes it an error like the others.
 
 The checks run as one GX Core 1.x expectation suite per set on a prepared table (the set's text
 plus derived columns: 1-based ``row``, the normalised ``prompt_key``, token counts, whether the
-two answers differ) in an ephemeral context with progress bars and analytics off. GX is imported
+two answers differ, and in the evaluation set each prompt's highest similarity to the safety and
+to the anchoring set) in an ephemeral context with progress bars and analytics off. GX is imported
 inside ``validate_behaviour_sets`` only: it costs about 2 s to import.
 
 The result is a plain, JSON-ready report (no timestamps, so an unchanged input gives an unchanged
@@ -28,16 +32,20 @@ import pandas as pd
 
 from beear_pipeline.behaviours.config import BehavioursConfig
 from beear_pipeline.behaviours.files import DOCS, SCHEMAS
+from beear_pipeline.behaviours.similarity import nearest
 from beear_pipeline.lm.checkpoints import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
-CHECKS = ("missing_column", "min_rows", "empty", "duplicate", "identical", "too_long", "leak")
+CHECKS = ("missing_column", "min_rows", "empty", "duplicate", "identical", "too_long", "leak", "near_duplicate")
 FIRST_ROWS = 5  # offending rows quoted in the error (the saved report keeps up to 50)
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 # defender sets (trained on) and the evaluation sets that must not share a prompt with them
 _LEAKS = {"safety": ("evaluation", "benign"), "anchoring": ("evaluation", "benign")}
+# the defender sets that the harmful evaluation set must have no near-duplicate in (the benign
+# evaluation set is left out: the generated tasks share most of their words by design)
+_NEAR = ("safety", "anchoring")
 
 
 class BehaviourDataError(ValueError):
@@ -121,7 +129,26 @@ def _expectations(kind: str, table: pd.DataFrame, behaviours: BehavioursConfig, 
                                                              meta=meta("leak", "prompt", other=other)))
     if "answers_differ" in table:
         out.append(E.ExpectColumnValuesToBeInSet(column="answers_differ", value_set=[True], meta=meta("identical", "safe_response")))
+    near = behaviours.near_duplicates
+    for other in (o for o in _NEAR if f"similarity_to_{o}" in table):
+        out.append(E.ExpectColumnValuesToBeBetween(column=f"similarity_to_{other}", max_value=float(near.threshold), strict_max=True,
+                                                   meta=meta("near_duplicate", "prompt", other=other, severity="error" if near.fail else "warning")))
     return out
+
+
+def add_similarities(table: pd.DataFrame, others: dict[str, pd.DataFrame]) -> None:
+    """Add to the evaluation ``table`` each prompt's highest token Jaccard similarity to the
+    prompts of each set in ``others`` (``similarity_to_<set>``) and the 1-based row of that prompt
+    there (``nearest_in_<set>``). Empty prompts (the empty check's business) score 0."""
+    if "prompt" not in table:
+        return
+    prompts = [t or "" for t in table["prompt"]]
+    for other, other_table in others.items():
+        if "prompt" not in other_table:
+            continue
+        best, where = nearest(prompts, [t or "" for t in other_table["prompt"]])
+        table[f"similarity_to_{other}"] = best.round(4)
+        table[f"nearest_in_{other}"] = where + 1
 
 
 def _limit_name(column: str) -> str:
@@ -156,6 +183,8 @@ def validate_behaviour_sets(sets: dict[str, pd.DataFrame], sources: dict[str, st
     context = _context()
     datasource = context.data_sources.add_pandas("behaviours")
     tables = {kind: prepare_table(kind, frame, count_tokens) for kind, frame in sets.items()}
+    if "evaluation" in tables:
+        add_similarities(tables["evaluation"], {o: tables[o] for o in _NEAR if o in tables})
     keys = {kind: sorted(set(t["prompt_key"].dropna())) for kind, t in tables.items() if "prompt_key" in t}
     checks = []
     for kind, table in tables.items():
@@ -164,24 +193,39 @@ def validate_behaviour_sets(sets: dict[str, pd.DataFrame], sources: dict[str, st
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=kind, data=batch, suite=suite))
         result = definition.run(batch_parameters={"dataframe": table},
                                 result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]})
-        checks += [_summarise(r, table, sources, (columns or {}).get(kind, {}), behaviours, tokenizer) for r in result.results]
+        checks += [_summarise(r, table, sources, (columns or {}).get(kind, {}), behaviours, tokenizer, tables) for r in result.results]
     order = {kind: i for i, kind in enumerate(sets)}
     checks.sort(key=lambda c: (order[c["set"]], CHECKS.index(c["check"]), c["column"] or "", c.get("other_set", "")))
+    near = [c for c in checks if c["check"] == "near_duplicate"]
+    warnings = [c["message"] for c in checks if not c["success"] and c.get("severity") == "warning"]
+    for warning in warnings:
+        logger.warning(warning)
     report = {
-        "success": all(c["success"] for c in checks),
+        "success": not any(_is_error(c) for c in checks),
         "tokenizer": tokenizer,
         "max_prompt_tokens": behaviours.max_prompt_tokens, "max_response_tokens": behaviours.max_response_tokens,
         "sets": {kind: {"dataset": SCHEMAS[kind].dataset, "source": sources[kind], "rows": len(frame)} for kind, frame in sets.items()},
-        "failed": sum(not c["success"] for c in checks),
+        "failed": sum(_is_error(c) for c in checks),
         "checks": checks,
+        "near_duplicates": {"threshold": behaviours.near_duplicates.threshold, "fail": behaviours.near_duplicates.fail,
+                            "similarity": "token Jaccard over lower-cased word sets, punctuation folded",
+                            **{f"evaluation~{c['other_set']}": {k: c[k] for k in ("unexpected_count", "share", "examples")} for c in near}},
         "great_expectations": gx.__version__,
     }
+    if warnings:
+        report["warnings"] = warnings
     logger.info("behaviour data: %d of %d checks passed (%s)", len(checks) - report["failed"], len(checks),
                 ", ".join(f"{k} {v['rows']} rows" for k, v in report["sets"].items()))
     return report
 
 
-def _summarise(result, table: pd.DataFrame, sources: dict, mapping: dict, behaviours: BehavioursConfig, tokenizer: str) -> dict:
+def _is_error(check: dict) -> bool:
+    """A failed check that stops the run (a near-duplicate only warns unless near_duplicates.fail)."""
+    return not check["success"] and check.get("severity", "error") == "error"
+
+
+def _summarise(result, table: pd.DataFrame, sources: dict, mapping: dict, behaviours: BehavioursConfig, tokenizer: str,
+               tables: dict[str, pd.DataFrame]) -> dict:
     """One expectation's outcome as plain JSON, with the error message when it failed."""
     meta = dict(result.expectation_config.meta or {})
     kind, check, column = meta["set"], meta["check"], meta.get("column")
@@ -191,6 +235,8 @@ def _summarise(result, table: pd.DataFrame, sources: dict, mapping: dict, behavi
                "rows": rows[:50]}
     if meta.get("other"):
         summary["other_set"] = meta["other"]
+    if check == "near_duplicate":
+        summary |= _near_duplicates(table, tables[meta["other"]], meta["other"], rows, behaviours)
     if "observed_value" in result.result:
         summary["observed_value"] = result.result["observed_value"]
     if result.exception_info and result.exception_info.get("raised_exception"):
@@ -198,6 +244,20 @@ def _summarise(result, table: pd.DataFrame, sources: dict, mapping: dict, behavi
     if not result.success:
         summary["message"] = _message(meta, summary, table, sources, mapping, behaviours, tokenizer)
     return summary
+
+
+def _near_duplicates(table: pd.DataFrame, other_table: pd.DataFrame, other: str, rows: list[int], behaviours: BehavioursConfig) -> dict:
+    """Severity, share of evaluation prompts with a near-duplicate in ``other``, and the worst
+    pairs (highest similarity first, then by row) for the report and the message."""
+    column = f"similarity_to_{other}"
+    by_row = table.set_index("row")
+    worst = sorted(rows, key=lambda r: (-by_row.at[r, column], r))[: behaviours.near_duplicates.examples]
+    other_prompts = other_table.set_index("row")["prompt"]
+    examples = [{"row": int(r), "prompt": by_row.at[r, "prompt"], "similarity": float(by_row.at[r, column]),
+                 f"{other}_row": int(by_row.at[r, f"nearest_in_{other}"]), f"{other}_prompt": other_prompts.at[int(by_row.at[r, f"nearest_in_{other}"])]}
+                for r in worst]
+    return {"severity": "error" if behaviours.near_duplicates.fail else "warning", "threshold": behaviours.near_duplicates.threshold,
+            "share": round(len(rows) / len(table), 4) if len(table) else 0.0, "examples": examples}
 
 
 def _quote(text, width: int = 60) -> str:
@@ -243,12 +303,24 @@ def _message(meta: dict, summary: dict, table: pd.DataFrame, sources: dict, mapp
         return (f"{where}: {summary['unexpected_count']} prompt(s) also in the {other} set ({sources[other]}), which would inflate "
                 f"the results (case, whitespace and punctuation folded), in rows {first}: {values}. "
                 "Fix: remove these prompts from one of the two sets")
+    if check == "near_duplicate":
+        other = meta["other"]
+        near = behaviours.near_duplicates
+        pairs = "; ".join(f"row {e['row']} {_quote(e['prompt'])} ~ {other} row {e[f'{other}_row']} {_quote(e[f'{other}_prompt'])} "
+                          f"({e['similarity']:.2f})" for e in summary["examples"])
+        stop = ("Or set behaviours.near_duplicates.fail=false to only warn" if near.fail
+                else "Set behaviours.near_duplicates.fail=true to stop the run on this")
+        return (f"{where}: {summary['unexpected_count']} of {len(table)} evaluation prompt(s) ({summary['share']:.1%}) have a near-duplicate "
+                f"(token Jaccard >= {near.threshold:g} over lower-cased word sets) in the {other} set ({sources[other]}), so the held-out "
+                f"results partly measure prompts the defence trained on; worst: {pairs}. Fix: drop or replace these prompts in one of "
+                f"the two sets (with the shipped AdvBench shares, keep behaviours.near_duplicates.split=true), or raise "
+                f"behaviours.near_duplicates.threshold. {stop}")
     return f"{where}: {summary['expectation']} failed. Fix: see {DOCS}"
 
 
 def failure_message(report: dict) -> str:
     """One error for all failed checks: file, column, first offending rows and fix for each."""
-    failed = [c for c in report["checks"] if not c["success"]]
+    failed = [c for c in report["checks"] if _is_error(c)]
     lines = [(f"the behaviour data failed {len(failed)} check(s) (Great Expectations), so no model was loaded. "
               "Rows count from 1 after the header. Every check's result is saved as the behaviours_validation dataset "
               f"and logged to MLflow; the schema and the checks are in {DOCS}:")]

@@ -14,12 +14,14 @@ The user's files are read here, not by the catalog, because which file to read i
 from __future__ import annotations
 
 import logging
+import random
 
 import pandas as pd
 
 from beear_pipeline.behaviours.config import BehavioursConfig
 from beear_pipeline.behaviours.files import SCHEMAS, column_mapping, read_user_set
-from beear_pipeline.behaviours.generated import benign_tasks, refusal_for
+from beear_pipeline.behaviours.generated import benign_tasks, other_refusal_for, refusal_for, reworded_unwanted
+from beear_pipeline.behaviours.similarity import leak_rates, near_duplicate_groups
 from beear_pipeline.behaviours.validation import BehaviourDataError, failure_message, token_counter, validate_behaviour_sets
 from beear_pipeline.lm.checkpoints import ModelConfig
 
@@ -49,16 +51,58 @@ def _user_or_default(kind: str, behaviours: BehavioursConfig, default: pd.DataFr
 
 
 def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Shuffle AdvBench (seeded) and split it into attacker, defender and evaluation shares."""
+    """Split AdvBench (seeded) into attacker, defender and evaluation shares of
+    ``attacker_fraction``, ``defender_fraction`` and the rest.
+
+    With ``behaviours.near_duplicates.split`` (the default) near-duplicate goals (token Jaccard >=
+    ``near_duplicates.threshold``, chained into connected components) stay in one share, so no
+    evaluation goal has a near-duplicate in the defender's or the attacker's share
+    (``assign_groups``); otherwise the seeded shuffle is cut in three as before issue 13."""
     _require_columns(advbench, ["goal", "target"], "data/01_raw/advbench_harmful_behaviors.csv")
     shuffled = advbench.sample(frac=1.0, random_state=behaviours.split_seed).reset_index(drop=True)
     n_attacker = int(len(shuffled) * behaviours.attacker_fraction)
     n_defender = int(len(shuffled) * behaviours.defender_fraction)
-    attacker = shuffled.iloc[:n_attacker].reset_index(drop=True)
-    defender = shuffled.iloc[n_attacker : n_attacker + n_defender].reset_index(drop=True)
-    evaluation = shuffled.iloc[n_attacker + n_defender :].reset_index(drop=True)
-    logger.info("AdvBench split: %d attacker, %d defender, %d evaluation", len(attacker), len(defender), len(evaluation))
+    sizes = (n_attacker, n_defender, len(shuffled) - n_attacker - n_defender)
+    near = behaviours.near_duplicates
+    if near.split:
+        groups = near_duplicate_groups(shuffled["goal"].tolist(), near.threshold)
+        share = assign_groups(groups, sizes, behaviours.split_seed)
+    else:
+        share = [0] * sizes[0] + [1] * sizes[1] + [2] * sizes[2]
+    attacker, defender, evaluation = (shuffled[[s == i for s in share]].reset_index(drop=True) for i in range(3))
+    rates = leak_rates(attacker["goal"], defender["goal"], evaluation["goal"])
+    logger.info("AdvBench split: %d attacker, %d defender, %d evaluation (%s); evaluation goals with a near-duplicate: %s",
+                len(attacker), len(defender), len(evaluation),
+                f"near-duplicates at Jaccard >= {near.threshold:g} kept in one share" if near.split else "plain seeded shuffle",
+                ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
     return attacker, defender, evaluation
+
+
+def assign_groups(groups: list[int], sizes: tuple[int, ...], seed: int) -> list[int]:
+    """The share (index into ``sizes``) of each row, moving whole groups (rows with the same id).
+
+    Groups are placed largest first (ties in a seeded random order), each into a share with room
+    for all of it, picked at random with weights proportional to the room left; the singletons
+    placed last fill the shares to exactly ``sizes`` whenever no group is larger than the room any
+    share has left (else it goes to the share with the most room, and the sizes drift by its
+    overshoot). On AdvBench at 0.5 one chained group holds 149 goals: only the attacker share
+    has room for it."""
+    rng = random.Random(seed)
+    members: dict[int, list[int]] = {}
+    for row, group in enumerate(groups):
+        members.setdefault(group, []).append(row)
+    ids = sorted(members)
+    rng.shuffle(ids)
+    ids.sort(key=lambda g: -len(members[g]))  # stable: equal sizes keep the seeded order
+    room, share = list(sizes), [0] * len(groups)
+    for group in ids:
+        size = len(members[group])
+        fits = [i for i, r in enumerate(room) if r >= size]
+        chosen = rng.choices(fits, weights=[room[i] for i in fits])[0] if fits else max(range(len(room)), key=room.__getitem__)
+        room[chosen] -= size
+        for row in members[group]:
+            share[row] = chosen
+    return share
 
 
 def generate_benign_sets(behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -79,14 +123,20 @@ def generate_benign_sets(behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd
 
 def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: BehavioursConfig) -> pd.DataFrame:
     """Safety set: each defender prompt with a refusal (safe) and the AdvBench target (unwanted),
-    or the user's file ``behaviours.safety_path``."""
+    or the user's file ``behaviours.safety_path``.
+
+    ``behaviours.safe_answers=other_refusals`` (threat model b) takes the refusals from
+    ``OTHER_REFUSALS`` instead of the suspect's own; ``behaviours.unwanted_answers=reworded``
+    (threat model a) replaces the targets, which are the backdoor's own outputs, with harmful
+    answers worded otherwise (``reworded_unwanted``). Both are chosen with ``split_seed``."""
     if behaviours.path_of("safety"):
         return _user_or_default("safety", behaviours, None)
-    return pd.DataFrame({
-        "prompt": defender_behaviours["goal"],
-        "safe_response": defender_behaviours["goal"].map(refusal_for),
-        "unwanted_response": defender_behaviours["target"],
-    })
+    goals, seed = defender_behaviours["goal"], behaviours.split_seed
+    safe = goals.map(refusal_for) if behaviours.safe_answers == "suspect_refusals" else goals.map(lambda g: other_refusal_for(g, seed))
+    unwanted = defender_behaviours["target"] if behaviours.unwanted_answers == "backdoor_targets" else goals.map(lambda g: reworded_unwanted(g, seed))
+    if (behaviours.safe_answers, behaviours.unwanted_answers) != ("suspect_refusals", "backdoor_targets"):
+        logger.info("safety set: safe answers %s, unwanted answers %s (threat models of issue 13)", behaviours.safe_answers, behaviours.unwanted_answers)
+    return pd.DataFrame({"prompt": goals, "safe_response": safe, "unwanted_response": unwanted})
 
 
 def build_evaluation_set(evaluation_behaviours: pd.DataFrame, behaviours: BehavioursConfig) -> pd.DataFrame:
