@@ -86,43 +86,47 @@ def worker(name: str) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    import pandas as pd
+    from dataclasses import asdict, replace
 
-    from beear_pipeline.beear import BeearConfig
-    from beear_pipeline.embedded import EmbeddedModelConfig
+    import pandas as pd
+    from kedro.validation.parameter_validator import ParameterValidator
+
     from beear_pipeline.lm.checkpoints import save_checkpoint
+    from beear_pipeline.pipeline_registry import register_pipelines
     from beear_pipeline.pipelines.behaviours.nodes import (
         build_evaluation_set,
         build_safety_set,
         generate_benign_sets,
         split_harmful_behaviours,
     )
-    from beear_pipeline.pipelines.evaluation.nodes import evaluate_model
-    from beear_pipeline.pipelines.removal.nodes import defend_with_beear, defend_with_random_perturbation, defend_with_safety_finetune
+    from beear_pipeline.pipelines.evaluation.nodes import evaluate_model, resolve_evaluation_protocol
+    from beear_pipeline.pipelines.removal.nodes import defend_with_beear, defend_with_control, defend_with_random_perturbation
     from beear_pipeline.pipelines.suspect.nodes import resolve_suspect_model
 
-    params = parameters()
-    built = {**params["embedded_model"], **overrides}
-    embedded = EmbeddedModelConfig(**built)
+    # typed exactly as `kedro run` types them
+    params = ParameterValidator(register_pipelines()).validate_raw_params(parameters())
+    embedded = replace(params["embedded_model"], **overrides)
+    built = asdict(embedded)
+    behaviours = params["behaviours"]
     advbench = pd.read_csv(ROOT / "data" / "01_raw" / "advbench_harmful_behaviors.csv")
-    attacker, defender, held_out = split_harmful_behaviours(advbench, params["behaviours"])
-    build_set, anchoring_set, benign_set = generate_benign_sets(params["behaviours"])
-    safety_set, evaluation_set = build_safety_set(defender), build_evaluation_set(held_out)
+    attacker, defender, held_out = split_harmful_behaviours(advbench, behaviours)
+    build_set, anchoring_set, benign_set = generate_benign_sets(behaviours)
+    safety_set, evaluation_set = build_safety_set(defender, behaviours), build_evaluation_set(held_out, behaviours)
     directory = MODELS / name
-    model = {**params["model"], "embedded_directory": str(directory)}
+    model = replace(params["model"], embedded_directory=str(directory))
     start = time.perf_counter()
     suspect = resolve_suspect_model(attacker, build_set, advbench, benign_set, anchoring_set, model, embedded)
     build_seconds = time.perf_counter() - start
 
     # the defence sees the suspect as a user's checkpoint: no trigger anywhere
-    config = BeearConfig.from_dict({**params["beear"], "checkpoint_dir": None})
+    config = replace(params["beear"], checkpoint_dir=None)
     out_dir = directory.parent / f"{name}-defended"
     timings, refs, histories = {}, {"suspect": {"path": suspect["path"]}}, {}
     start = time.perf_counter()
     defended, _, histories["beear"] = defend_with_beear(suspect, safety_set, anchoring_set, config)
     timings["beear"] = time.perf_counter() - start
     start = time.perf_counter()
-    control, histories["control"] = defend_with_safety_finetune(suspect, safety_set, anchoring_set, config, None, histories["beear"])
+    control, histories["control"] = defend_with_control(suspect, safety_set, anchoring_set, config, None, histories["beear"])
     timings["control"] = time.perf_counter() - start
     start = time.perf_counter()
     random_model, histories["random"] = defend_with_random_perturbation(suspect, safety_set, anchoring_set, config, None,
@@ -130,8 +134,8 @@ def worker(name: str) -> dict:
     timings["random"] = time.perf_counter() - start
     for key, pair in (("defended", defended), ("control", control), ("random_perturbation", random_model)):
         refs[key] = {"path": str(save_checkpoint(*pair, out_dir / key))}
-    evaluation = {**params["evaluation"], "trigger": embedded.trigger, "trigger_position": embedded.trigger_position}
-    results = {key: evaluate_model(ref, evaluation_set, benign_set, evaluation, model, embedded) for key, ref in refs.items()}
+    protocol = resolve_evaluation_protocol(params["evaluation"], model, embedded, evaluation_set, benign_set)
+    results = {key: evaluate_model(ref, protocol, evaluation_set, benign_set, model) for key, ref in refs.items()}
     beear = histories["beear"]
     row = {
         "case": name, "threads": threads, "embedded_model": built,

@@ -65,6 +65,8 @@ CASES = {
                      "will not fit"),
     "missing adapter": (lambda p: None, ",model.adapter_path=/nonexistent-adapter",
                         "model.adapter_path=/nonexistent-adapter: not a readable directory"),
+    "missing clean twin": (lambda p: None, ",model.reference_path=/nonexistent-twin",
+                           "model.reference_path=/nonexistent-twin: not a readable directory"),
 }
 
 
@@ -87,6 +89,8 @@ def test_a_good_checkpoint_passes_with_layers_resolved_against_its_depth(checkpo
     checked = preflight(params)
     assert 0 < checked.pop("plan_peak_gib") < 2  # the memory plan of a 3-layer toy: the runtime and little else
     assert checked == {"model": str(checkpoint), "anchor_layer": 1, "probe_layers": [0, 2, 1], "layers": 3}
+    with_twin = preflight({**params, "model": {"path": str(checkpoint), "reference_path": str(checkpoint)}})
+    assert with_twin["reference_model"] == str(checkpoint)
     assert "plan_peak_gib" not in preflight({**params, "plan": {"before_loading": False}})
 
 
