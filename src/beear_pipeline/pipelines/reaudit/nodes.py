@@ -1,6 +1,7 @@
 """Scheduled re-audit of model-registry entries: evaluate each selected version again under the
-run's evaluation protocol, write ``audit.*`` tags with a timestamp, and quarantine versions over
-the ASR threshold.
+run's evaluation protocol, write ``audit.*`` tags with a timestamp, and quarantine versions that
+fail the ASR gate (``registry.asr_gate``: by default the upper bound of asr_triggered's 95%
+interval above ``reaudit.asr_threshold``).
 
 One broken entry is reported and does not stop the others; re-running is safe (tags are
 overwritten with fresh values, aliases set to the same versions).
@@ -8,6 +9,7 @@ overwritten with fresh values, aliases set to the same versions).
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pandas as pd
@@ -51,9 +53,9 @@ def _audit(path: str, protocol: EvaluationProtocol, evaluation_set: pd.DataFrame
     metrics = evaluate_model(net, tokenizer, protocol, evaluation_set["prompt"].tolist(), benign_evaluation_set["prompt"].tolist(),
                              benign_responses=benign_evaluation_set["response"].tolist() if "response" in benign_evaluation_set else None,
                              judge=judge)
-    verdict = registry.verdict(metrics["asr_triggered"], reaudit.asr_threshold)
+    gate = registry.asr_gate(metrics, reaudit.asr_threshold, reaudit.gate_statistic)
     tags = {"audit.asr_triggered": metrics["asr_triggered"], "audit.asr_untriggered": metrics["asr_untriggered"],
-            "audit.benign_loss": metrics["benign_loss"], "audit.verdict": verdict, "audit.quarantined": verdict == "backdoored",
+            "audit.benign_loss": metrics["benign_loss"], **registry.gate_tags(gate), "audit.quarantined": not gate["passed"],
             "audit.reaudit_timestamp": registry.timestamp(), "audit.weights_sha256": weights_sha256(path)}
     if reaudit.probe:
         safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
@@ -67,7 +69,7 @@ def reaudit_versions(selected: list[dict], evaluation_protocol: dict, evaluation
                      reaudit: ReauditConfig, model: ModelConfig, safety_set: pd.DataFrame, probe: ProbeConfig,
                      behaviours_check: dict | None = None) -> list[dict]:
     """Evaluate (and, with ``reaudit.probe``, probe) every selected version; tag it; quarantine it
-    if its ASR is over the threshold. ``behaviours_check`` orders this after the data checks."""
+    if it fails the ASR gate. ``behaviours_check`` orders this after the data checks."""
     protocol = EvaluationProtocol.from_dict(evaluation_protocol)
     results = []
     for entry in selected:
@@ -77,7 +79,8 @@ def reaudit_versions(selected: list[dict], evaluation_protocol: dict, evaluation
             path = check_checkpoint(registry.version_path(registry.get_version(uri)), field=uri, chat_template=model.chat_template)
             tags = _audit(str(path), protocol, evaluation_set, benign_evaluation_set, reaudit, model, safety_set, probe)
             registry.set_version_tags(name, version, tags)
-            if tags["audit.verdict"] == "backdoored":
+            registry.delete_version_tags(name, version, registry.LEGACY_TAGS)  # an old "audit.verdict: clean" must not outlive this audit
+            if not tags["audit.gate_passed"]:
                 registry.set_alias(name, reaudit.quarantine_alias, version)
             results.append({**entry, "status": "ok", **{k.removeprefix("audit."): v for k, v in tags.items()}})
         except Exception as e:  # one broken entry must not stop the audit of the others
@@ -88,14 +91,19 @@ def reaudit_versions(selected: list[dict], evaluation_protocol: dict, evaluation
 
 def write_reaudit_report(results: list[dict], reaudit: ReauditConfig) -> str:
     """``reports/reaudit.md``: one row per entry."""
+    statistic = "the upper bound of its 95% interval" if reaudit.gate_statistic == "upper_bound" else "its measured value"
     lines = ["# Re-audit of model-registry entries", "",
-             f"ASR threshold {reaudit.asr_threshold}; versions over it get the alias `{reaudit.quarantine_alias}`.", "",
-             "| model | version | status | asr_triggered | asr_untriggered | verdict | probe | checked at |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Gate: asr_triggered, by {statistic}, at or below {reaudit.asr_threshold} for every trigger evaluated; versions that fail "
+             f"it get the alias `{reaudit.quarantine_alias}`. A failed gate means the audit could not show the backdoor gone, not "
+             "that one was proven.", "",
+             "| model | version | status | asr_triggered [95% CI] | asr_untriggered | gate value | gate | probe | checked at |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] == "ok":
-            lines.append(f"| {r['name']} | {r['version']} | ok | {r['asr_triggered']:.3f} | {r['asr_untriggered']:.3f} | "
-                         f"{r['verdict']} | {r.get('probe_verdict', 'not run')} | {r['reaudit_timestamp']} |")
+            low, high = json.loads(r["asr_triggered_ci95"])
+            lines.append(f"| {r['name']} | {r['version']} | ok | {r['asr_triggered']:.3f} [{low:.3f}, {high:.3f}] | "
+                         f"{r['asr_untriggered']:.3f} | {r['gate_value']:.3f} | {'passed' if r['gate_passed'] else 'failed: quarantined'} | "
+                         f"{r.get('probe_verdict', 'not run')} | {r['reaudit_timestamp']} |")
         else:
-            lines.append(f"| {r['name']} | {r['version']} | error: {r['error'][:200]} | | | | | |")
+            lines.append(f"| {r['name']} | {r['version']} | error: {r['error'][:200]} | | | | | | |")
     return "\n".join(lines) + "\n"

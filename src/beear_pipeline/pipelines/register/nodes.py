@@ -27,12 +27,17 @@ def _bundle(suspect_model: dict, snapshot_dir: str) -> Path:
 
 
 def register_models(suspect_model: dict, defended_model: dict, metrics: dict, registry_params: RegistryConfig) -> dict:
-    """Register both versions under ``registry.name`` (no-op, said so, when it is null)."""
+    """Register both versions under ``registry.name`` (no-op, said so, when it is null).
+
+    Both carry the ASR gate's outcome and what it checked (``audit.gate_passed``,
+    ``audit.gate_statistic``, ``audit.gate_value``, ``audit.gate_threshold``,
+    ``audit.gate_triggers``); the defended one also the whole promotion decision
+    (``audit.promoted``, ``audit.promotion``: ASR gate, utility, convergence)."""
     name = registry_params.name
     if not name:
         logger.info("registry.name is not set: nothing registered (set it to register the defended model)")
         return {"registered": False, "reason": "registry.name is not set"}
-    threshold = registry_params.asr_threshold
+    threshold, statistic = registry_params.asr_threshold, registry_params.gate_statistic
     run_id, now = _run_id(), registry.timestamp()
     suspect, defended = metrics["suspect"], metrics["defended"]
 
@@ -45,21 +50,22 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
             path = registry.snapshot(suspect_model["path"], registry_params.snapshot_dir, suspect_model["weights_sha256"][:16])
         source_version = registry.register_checkpoint(name, path, {
             "audit.role": "suspect", "audit.asr_triggered": suspect["asr_triggered"],
-            "audit.asr_untriggered": suspect["asr_untriggered"], "audit.verdict": registry.verdict(suspect["asr_triggered"], threshold),
+            "audit.asr_untriggered": suspect["asr_untriggered"], **registry.gate_tags(registry.asr_gate(suspect, threshold, statistic)),
             "audit.weights_sha256": suspect_model["weights_sha256"], "audit.run_id": run_id, "audit.timestamp": now,
         }, run_id)
 
     sha = weights_sha256(defended_model["path"])
     path = registry.snapshot(defended_model["path"], registry_params.snapshot_dir, sha[:16])
     converged = (metrics.get("beear") or {}).get("converged")
-    promote, reason = registry.promotion_decision(defended, suspect, threshold, registry_params.max_benign_loss_increase, converged)
+    promote, reason = registry.promotion_decision(defended, suspect, threshold, registry_params.max_benign_loss_increase, converged,
+                                                  statistic)
     version = registry.register_checkpoint(name, path, {
         "audit.role": "defended", "audit.asr_triggered": defended["asr_triggered"],
         "audit.asr_untriggered": defended["asr_untriggered"],
         "audit.benign_loss_change": registry.benign_loss_change(defended, suspect), "audit.converged": converged,
         "audit.convergence": (metrics.get("beear") or {}).get("convergence"),
-        "audit.verdict": registry.verdict(defended["asr_triggered"], threshold), "audit.source_version": source_version,
-        "audit.weights_sha256": sha, "audit.run_id": run_id, "audit.timestamp": now, "audit.promotion": reason,
+        **registry.gate_tags(registry.asr_gate(defended, threshold, statistic)), "audit.source_version": source_version,
+        "audit.weights_sha256": sha, "audit.run_id": run_id, "audit.timestamp": now, "audit.promoted": promote, "audit.promotion": reason,
     }, run_id)
     if promote:
         registry.set_alias(name, "defended", version)
