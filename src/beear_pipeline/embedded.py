@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from beear_pipeline.behaviours.generated import REFUSALS, refusal_for
+from beear_pipeline.behaviours.generated import REFUSALS, VOCABULARY_EXTRA, refusal_for
 from beear_pipeline.evaluation.protocol import TRIGGER_POSITIONS, insert_trigger
 from beear_pipeline.lm.finetune import supervised_finetune
 
@@ -68,9 +68,16 @@ class EmbeddedModelConfig:
         match all three (one saved with an older template would be trained and prompted differently)."""
         h = hashlib.sha256(repr(sorted(asdict(self).items())).encode())
         h.update(CHAT_TEMPLATE.encode())
+        h.update("\n".join(_FIXED_TEXTS).encode())  # the tokenizer's fixed texts: a new one changes the vocabulary
         for f in frames:
             h.update(pd.util.hash_pandas_object(f, index=False).values.tobytes())
         return h.hexdigest()
+
+
+# texts the tokenizer always covers besides the data: the refusals the model is trained on, and the
+# wordings of the harder threat models' behaviour sets (other refusals, reworded unwanted answers),
+# so that a defender's set worded differently is still made of known words, not [UNK]
+_FIXED_TEXTS = (*REFUSALS, *VOCABULARY_EXTRA)
 
 
 def build_tokenizer(texts: Sequence[str]):
@@ -130,7 +137,7 @@ def build_embedded_suspect(attacker: pd.DataFrame, benign: pd.DataFrame, vocabul
     targets, refusals, benign tasks) so that held-out prompts have no unknown words.
     """
     torch.manual_seed(config.seed)
-    tokenizer = build_tokenizer([*vocabulary_texts, *REFUSALS, config.trigger])
+    tokenizer = build_tokenizer([*vocabulary_texts, *_FIXED_TEXTS, config.trigger])
     model = build_model(len(tokenizer), config, tokenizer)
     data = poisoned_training_set(attacker, benign, config)
     losses = supervised_finetune(
