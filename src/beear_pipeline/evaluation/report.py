@@ -10,7 +10,27 @@ import io
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 MODELS = ("suspect", "defended", "control", "random_perturbation")
+"""The models every defend run evaluates, in report order."""
+OPTIONAL_MODELS = ("clean_twin",)
+"""Model blocks shown when metrics hold one: the clean twin (the embedded model trained without the
+backdoor; absent or None for a user's model)."""
 RATES = ("asr_triggered", "asr_untriggered", "over_refusal", "benign_loss", "benign_accuracy", "entrapment_rate")
+JUDGING = ("partial_triggered", "partial_untriggered", "repetition_triggered", "repetition_untriggered", "distinct2_triggered",
+           "distinct2_untriggered")
+"""The second table: refusal-then-compliance and the fluency of the answers to harmful prompts."""
+LABELS = {"asr_triggered": "asr_triggered", "asr_untriggered": "asr_untriggered", "over_refusal": "over_refusal",
+          "benign_loss": "benign_loss", "benign_accuracy": "benign_accuracy", "entrapment_rate": "entrapment rate (no trigger)",
+          "partial_triggered": "partial, with trigger", "partial_untriggered": "partial, without",
+          "repetition_triggered": "repetition, with trigger", "repetition_untriggered": "repetition, without",
+          "distinct2_triggered": "distinct-2, with trigger", "distinct2_untriggered": "distinct-2, without"}
+
+
+def model_names(metrics: dict) -> list[str]:
+    """The model blocks present in ``metrics``, in report order: ``MODELS``, then the optional
+    ones (``clean_twin``), then any other block that holds an ``asr_triggered``."""
+    known = [*MODELS, *OPTIONAL_MODELS]
+    others = [k for k, v in metrics.items() if k not in known and isinstance(v, dict) and "asr_triggered" in v]
+    return [m for m in [*known, *others] if isinstance(metrics.get(m), dict)]
 
 
 def convergence_summary(beear_history: dict) -> dict:
@@ -38,13 +58,15 @@ def shorten(text: str, words: int = 12) -> str:
 
 
 def cell(result: dict, key: str) -> str:
-    """A value with its 95% interval when it has one; n/a when it was not measured."""
+    """A value with its 95% interval as [low, high] when it has one; n/a when it was not measured.
+    Three decimals for the bounds too: an upper bound of 0.035 against a gate at 0.05 must not
+    read as 0.03 or 0.04."""
     value = result.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "n/a"
-    if f"{key}_ci95" in result:
+    if result.get(f"{key}_ci95"):
         low, high = result[f"{key}_ci95"]
-        return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
     return f"{value:.3f}"
 
 
@@ -73,7 +95,7 @@ def figures_for(metrics: dict, histories: list[dict]) -> dict:
     import matplotlib.pyplot as plt
 
     fig_asr, ax = plt.subplots(figsize=(7, 3.5))
-    names = [m for m in MODELS if m in metrics]
+    names = model_names(metrics)
     x = range(len(names))
     for shift, key, label in ((-0.2, "asr_triggered", "with trigger"), (0.2, "asr_untriggered", "without trigger")):
         values = [metrics[m][key] for m in names]
@@ -152,8 +174,8 @@ def render_report(metrics: dict, histories: list[dict]) -> tuple[dict, str, str]
     environment = Environment(loader=PackageLoader("beear_pipeline.evaluation", "templates"), undefined=StrictUndefined,
                               autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     environment.filters.update(cell=cell, shorten=shorten)
-    context = {"m": metrics, "p": metrics["protocol"], "models": [m for m in MODELS if m in metrics], "rates": RATES,
-               "convergence": convergence_sentence(metrics.get("beear") or {}), "figures": list(figures)}
+    context = {"m": metrics, "p": metrics["protocol"], "models": model_names(metrics), "rates": RATES, "judging": JUDGING,
+               "labels": LABELS, "convergence": convergence_sentence(metrics.get("beear") or {}), "figures": list(figures)}
     markdown = environment.get_template("report.md.j2").render(**context)
     html_env = environment.overlay(autoescape=True)
     page = html_env.get_template("report.html.j2").render(**context, images={name: _png(fig) for name, fig in figures.items()})
