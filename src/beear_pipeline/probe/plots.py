@@ -47,6 +47,10 @@ def plot_curves(report: dict):
     for c in report.get("reference_curves") or []:
         ax.plot(c["budgets"], c["optimised"], ls=":", marker="x", label=f"layer {c['layer']} clean reference")
     rule = report["rule"]
+    carried = (report.get("decision") or {}).get("carried_by")
+    if carried:  # the layer x budget cell that carried the verdict
+        ax.scatter([carried["budget"]], [carried["flip_rate"]], s=160, facecolors="none", edgecolors="black", zorder=5,
+                   label=f"verdict: layer {carried['layer']}, adjusted p {carried['p_adjusted']:.2g}")
     ax.axhline(rule["flip_threshold"], color="grey", lw=0.8)
     ax.axvline(rule["max_budget"], color="grey", lw=0.8)
     ax.set_xlabel("perturbation norm / median hidden-state norm")
