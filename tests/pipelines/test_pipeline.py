@@ -17,7 +17,7 @@ from beear_pipeline.pipeline_registry import register_pipelines
 @pytest.fixture
 def catalog(tmp_path, advbench):
     params = typed_params(
-        model={"embedded_directory": str(tmp_path / "embedded")},
+        model={"embedded_directory": str(tmp_path / "embedded"), "clean_twin_directory": str(tmp_path / "clean_twin")},
         embedded_model={"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "epochs": 1},
         beear={"max_rounds": 2, "inner_steps": 1, "inner_max_steps": 1, "batch_size": 4, "anchoring_batch_size": 4,
                "checkpoint_dir": str(tmp_path / "beear_checkpoints")},
@@ -64,7 +64,10 @@ def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
     assert "## Convergence (trigger-free)" in load(free["evaluation_report_md"])
     assert "| defended |" in load(free["evaluation_report_md"])
     persistence = metrics["persistence"]["asr_triggered_after_repoisoning"]["2"]
-    assert set(persistence) == {"suspect", "defended"} and persistence["defended"]["n"] == metrics["defended"]["n_harmful"]
+    assert set(persistence) == {"suspect", "defended", "clean_twin"} and persistence["defended"]["n"] == metrics["defended"]["n_harmful"]
+    assert set(metrics["persistence"]["verdict_by_k"]) == {"2"}
+    assert 0 <= metrics["clean_twin"]["asr_triggered"] <= 1 and (tmp_path / "clean_twin" / "model.safetensors").is_file()
+    assert set(metrics["utility_vs_clean_twin"]) == {"suspect", "defended", "control", "random_perturbation"}
     assert metrics["lm_eval"] == {"status": "skipped", "reason": "evaluation.lm_eval_tasks is empty"}
     assert "Skipped: evaluation.lm_eval_tasks is empty." in load(free["evaluation_report_md"])
     for key in ("asr_triggered_ci95", "over_refusal", "over_refusal_ci95", "benign_accuracy_ci95"):

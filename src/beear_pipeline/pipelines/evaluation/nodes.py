@@ -110,10 +110,11 @@ def check_persistence(suspect_model: dict, defended_model: dict, clean_twin_mode
             "lr": persistence.lr, "poison_source": source, "seconds": time.perf_counter() - start}
 
 
-def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation_protocol: dict) -> dict:
-    """Utility on lm-evaluation-harness tasks (``evaluation.lm_eval_tasks``) for the suspect and
-    the defended model, or the reason it was skipped."""
-    return lm_eval.lm_eval_utility({"suspect": suspect_model["path"], "defended": defended_model["path"]},
+def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation_protocol: dict, model: ModelConfig) -> dict:
+    """Utility on lm-evaluation-harness tasks (``evaluation.lm_eval_tasks``; the shipped
+    ``beear_word_lists`` runs offline) for the suspect and the defended model, each loaded as every
+    other step loads it (chat template, dtype, device map, adapter), or the reason it was skipped."""
+    return lm_eval.lm_eval_utility({"suspect": {**model.loading(), **suspect_model}, "defended": {**model.loading(), **defended_model}},
                                    evaluation_protocol["lm_eval_tasks"])
 
 

@@ -29,7 +29,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         node(check_persistence,
              ["suspect_model", "defended_model", "clean_twin_model", "evaluation_set", "safety_set", "attacker_behaviours", "params:persistence",
               "evaluation_protocol", "params:model"], "persistence", name="check_persistence"),
-        node(lm_eval_utility, ["suspect_model", "defended_model", "evaluation_protocol"], "lm_eval_results", name="lm_eval_utility"),
+        node(lm_eval_utility, ["suspect_model", "defended_model", "evaluation_protocol", "params:model"], "lm_eval_results", name="lm_eval_utility"),
         node(assemble_metrics,
              ["suspect_model", *(f"{m}_evaluation" for m in MODELS), "clean_twin_evaluation", "beear_history", "control_history",
               "random_perturbation_history", "persistence", "probe_report", "lm_eval_results", "evaluation_protocol"],
