@@ -59,6 +59,7 @@ def test_sparse_nearest_equals_pairwise_jaccard(advbench):
         assert scores[where[i]] == best[i]
     assert best[-2] == best[-1] == 0.0
     assert nearest(["a"], [])[0].tolist() == [0.0] and nearest(["a"], [])[1].tolist() == [-1]
+    assert nearest(["a b c d e f g h i"], ["a b c d e f g x"])[0].tolist() == [0.7]  # 7/10 exactly, not 0.69999999
 
 
 def test_groups_are_connected_components_at_the_threshold():
@@ -69,8 +70,9 @@ def test_groups_are_connected_components_at_the_threshold():
 
 
 def test_leak_rates_count_evaluation_prompts_with_a_near_duplicate():
-    rates = leak_rates(attacker=["q r s"], defender=["a b c d", "k l m n"], evaluation=["a b c e", "k l o p q", "z"])
-    assert rates == {"defender>=0.5": round(1 / 3, 4), "defender>=0.7": 0.0, "attacker>=0.5": 0.0, "attacker>=0.7": 0.0}
+    # 0.6, 2/7, 0 and exactly 0.5 (inclusive) to the defender's share
+    rates = leak_rates(attacker=["q r s"], defender=["a b c d", "k l m n", "u v w"], evaluation=["a b c e", "k l o p q", "z", "u v x"])
+    assert rates == {"defender>=0.5": 0.5, "defender>=0.7": 0.0, "attacker>=0.5": 0.0, "attacker>=0.7": 0.0}
 
 
 # --- the split -----------------------------------------------------------------------------------

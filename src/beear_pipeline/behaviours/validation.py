@@ -132,7 +132,7 @@ def _expectations(kind: str, table: pd.DataFrame, behaviours: BehavioursConfig, 
     near = behaviours.near_duplicates
     for other in (o for o in _NEAR if f"similarity_to_{o}" in table):
         out.append(E.ExpectColumnValuesToBeBetween(column=f"similarity_to_{other}", max_value=float(near.threshold), strict_max=True,
-                                                   meta=meta("near_duplicate", "prompt", other=other, severity="error" if near.fail else "warning")))
+                                                   meta=meta("near_duplicate", "prompt", other=other)))
     return out
 
 
