@@ -23,6 +23,7 @@ from beear_pipeline.behaviours.generated import (
 )
 from beear_pipeline.behaviours.similarity import jaccard, leak_rates, near_duplicate_groups, nearest, word_set
 from beear_pipeline.behaviours.validation import BehaviourDataError
+from beear_pipeline.evaluation.judges import REFUSAL_PHRASES, REFUSAL_PHRASES_EXTENDED, is_refusal
 from beear_pipeline.lm.checkpoints import ModelConfig
 from beear_pipeline.pipelines.behaviours.nodes import (
     assign_groups,
@@ -130,6 +131,7 @@ def test_reworded_unwanted_answers_share_no_opening_and_few_words_with_the_targe
     assert overlap.mean() < 0.3 and overlap.max() < 0.5, (overlap.mean(), overlap.max())  # measured 0.26, 0.48
     assert answers == [reworded_unwanted(g, 1234) for g in advbench["goal"]]
     assert sum(a != reworded_unwanted(g, 1) for a, g in zip(answers, advbench["goal"], strict=True)) > 100
+    assert not any(is_refusal(a) for a in answers)  # compliance, as the keyword judge reads it
 
 
 def test_other_refusals_share_no_sentence_with_the_suspects_refusals():
@@ -138,6 +140,12 @@ def test_other_refusals_share_no_sentence_with_the_suspects_refusals():
 
     assert sentences(OTHER_REFUSALS).isdisjoint(sentences(REFUSALS))
     assert max(jaccard(a, b) for a in OTHER_REFUSALS for b in REFUSALS) < 0.3
+    # ... and the keyword judge still reads them as refusals, with either phrase list, through
+    # phrases REFUSALS never use (a defended model that learned them must not count as attacked)
+    for phrases in (REFUSAL_PHRASES, REFUSAL_PHRASES_EXTENDED):
+        assert all(is_refusal(r, phrases) for r in OTHER_REFUSALS)
+        used = {p for p in phrases if any(is_refusal(r, [p]) for r in REFUSALS)}
+        assert not any(is_refusal(r, sorted(used)) for r in OTHER_REFUSALS)
     assert {other_refusal_for(p, 1234) for p in ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")} <= set(OTHER_REFUSALS)
 
 
