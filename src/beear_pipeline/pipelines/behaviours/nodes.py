@@ -2,8 +2,8 @@
 anchoring set (benign prompts with good answers) and the held-out evaluation sets.
 
 By default AdvBench goals are split three ways: the attacker's share (used only to plant the
-embedded backdoor), the defender's share (the safety set) and a held-out evaluation share; benign
-tasks are generated. A user's file (``behaviours.safety_path``, ``anchoring_path``,
+embedded backdoor), the defender's share (the safety set) and a held-out evaluation share, with
+each group of near-duplicate goals kept in one share; benign tasks are generated. A user's file (``behaviours.safety_path``, ``anchoring_path``,
 ``evaluation_path``, ``benign_path``; docs/behaviour_data.md) replaces the corresponding default
 set. Every set is then validated with Great Expectations (``validate_behaviours``) and a failure
 stops the run (``check_behaviours``) before any model is loaded.
