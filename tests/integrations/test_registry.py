@@ -210,3 +210,6 @@ def test_register_models_tags_what_the_gate_checked(sqlite_store, tmp_path, tiny
     metrics["defended"] = block(0.0, [0.0, 0.168])
     record = register_models({"path": str(ckpt), "weights_sha256": sha}, {"path": str(ckpt)}, metrics, config)
     assert not record["promoted"] and "above registry.asr_threshold 0.05" in record["reason"]
+    point = registry.RegistryConfig(name="gate-tags", snapshot_dir=str(tmp_path / "registered"), gate_statistic="point")
+    record = register_models({"path": str(ckpt), "weights_sha256": sha}, {"path": str(ckpt)}, metrics, point)
+    assert record["promoted"] and client.get_model_version("gate-tags", record["defended_version"]).tags["audit.gate_statistic"] == "point"
