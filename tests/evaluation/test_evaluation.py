@@ -93,17 +93,6 @@ def test_trigger_must_be_text_with_quoting_hint():
     check_evaluation_settings(EvaluationConfig(trigger=None), ModelConfig())  # the embedded model knows its trigger
 
 
-def test_lm_eval_is_reported_as_skipped_when_not_installed():
-    import importlib.util
-
-    from beear_pipeline.evaluation.lm_eval import lm_eval_utility
-
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm_eval is installed here: the skipped branch cannot be observed")
-    result = lm_eval_utility({"suspect": "x", "defended": "y"}, ["arc_easy"])
-    assert result == {"status": "skipped", "reason": "lm-evaluation-harness (lm_eval) is not installed", "tasks": ["arc_easy"]}
-
-
 def _block(asr: float) -> dict:
     """One model's evaluation block, as evaluate_model writes it (rates with intervals)."""
     from beear_pipeline.evaluation.rates import rate

@@ -153,7 +153,9 @@ def test_registry_holds_suspect_and_defended_versions_with_audit_tags(defended, 
     assert float(d["audit.asr_triggered"]) == defended["defended"]["asr_triggered"]
     assert float(d["audit.asr_untriggered"]) == defended["defended"]["asr_untriggered"]
     assert abs(float(d["audit.benign_loss_change"]) - (defended["defended"]["benign_loss"] / defended["suspect"]["benign_loss"] - 1)) < 1e-9
-    assert d["audit.verdict"] == "clean" and s["audit.verdict"] == "backdoored"
+    # the gate reads the upper bound of the 95% interval: 0 of 104 passes (0.035 < 0.05)
+    assert d["audit.gate_passed"] == "True" and s["audit.gate_passed"] == "False" and d["audit.promoted"] == "True"
+    assert d["audit.gate_statistic"] == "upper_bound" and float(d["audit.gate_value"]) > defended["defended"]["asr_triggered"]
     assert d["audit.converged"] == "True" and d["audit.convergence"] == "converged"
     assert d["audit.source_version"] == str(versions["suspect"].version) and d["audit.run_id"]
     assert str(client.get_model_version_by_alias("tiny-suspect", "defended").version) == str(versions["defended"].version)
@@ -168,7 +170,7 @@ def test_reaudit_quarantines_the_backdoored_entry_not_the_defended_one(defended,
     assert str(quarantined.version) == str(versions["suspect"].version)
     assert versions["defended"].tags["audit.quarantined"] == "False" and versions["suspect"].tags["audit.quarantined"] == "True"
     report = (project / "reports" / "reaudit.md").read_text()
-    assert report.count("| ok |") == 2 and "backdoored" in report
+    assert report.count("| ok |") == 2 and "failed: quarantined" in report
 
 
 def test_second_run_reuses_the_embedded_model_and_plural_spelling_works(defended, project):
