@@ -12,6 +12,11 @@ for a few budgets: the entrapment curve. Budgets are multiples of the median hid
 the layer, so one setting means the same thing for a tiny model and a 7B one. Random directions of
 the same norms (and, when given, a clean reference model) calibrate the curve.
 
+The verdict (``VerdictRule`` states it; ``scan_cells`` and ``decide`` apply it) treats every
+scanned layer x budget cell as one test: an exact test of the optimised flip count against the
+reference's, corrected (Holm) over all cells, beside effect-size margins. Scanning more layers
+and budgets then costs power, not false alarms.
+
 With candidate triggers, ``trigger_drift`` measures what a trigger does to the same hidden
 states: per-prompt drift vectors, their uniformity (mean pairwise cosine), their cosine with the
 perturbation the probe found, and the 2-D PCA picture of the paper.

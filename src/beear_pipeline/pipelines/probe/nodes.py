@@ -18,16 +18,43 @@ from beear_pipeline.probe.plots import plot_curves, plot_drift
 logger = logging.getLogger(__name__)
 
 
-def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluation_set: pd.DataFrame, probe: ProbeConfig):
+def select_reference(probe: ProbeConfig, clean_twin_model: dict | None) -> dict:
+    """Which model calibrates the verdict: ``probe.reference_model_path`` when set (the user
+    named it), else the pipeline's clean twin when it names a checkpoint (the embedded model's
+    twin: the same recipe without the triggered examples), else random directions of the same
+    norm. A clean reference is the stronger control: random directions cannot tell a backdoor
+    from the ordinary adversarial fragility that any model shows to an optimised perturbation.
+    Returns ``{"kind", "path", "reason"}`` (``path`` None for random directions), as recorded
+    in probe.json."""
+    if probe.reference_model_path:
+        return {"kind": "reference_model_path", "path": str(probe.reference_model_path), "reason": "probe.reference_model_path"}
+    twin = clean_twin_model or {}
+    if twin.get("path"):
+        return {"kind": "clean_twin_model", "path": str(twin["path"]), "source": twin.get("source"),
+                "reason": "probe.reference_model_path is null and the pipeline knows a clean twin", "ref": twin}
+    why = twin.get("reason") or "no clean twin is known"
+    return {"kind": "random_directions", "path": None, "reason": f"no reference model: {why}"}
+
+
+def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluation_set: pd.DataFrame, probe: ProbeConfig,
+                        clean_twin_model: dict | None = None):
     """Probe the suspect model without its trigger. Returns ``reports/probe.json`` (verdict, rule,
+    the layer and budget that carried the verdict with its adjusted p-value, the reference used,
     per-layer entrapment curves, recommended anchor layer, known-trigger analysis, timings), the
-    found perturbations (``layer{L}_x{budget}`` -> tensor) and the figures."""
+    found perturbations (``layer{L}_x{budget}`` -> tensor) and the figures.
+
+    ``clean_twin_model`` is the pipeline's clean twin reference (``{"path": ...}`` or
+    ``{"path": None, "reason": ...}``); see ``select_reference`` for which model calibrates."""
     config = probe
     start = time.perf_counter()
+    chosen = select_reference(config, clean_twin_model)
     model, tokenizer = load_model_ref(suspect_model)
     reference = None
-    if config.reference_model_path:
+    if chosen["kind"] == "reference_model_path":
         reference = load_checkpoint(config.reference_model_path, field="probe.reference_model_path")
+    elif chosen["kind"] == "clean_twin_model":
+        reference = load_model_ref(chosen.pop("ref"), field="clean_twin_model")
+    logger.info("probe reference: %s (%s)", chosen["path"] or "random directions", chosen["reason"])
     safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
     held_out = evaluation_set["prompt"].tolist()
     if config.max_eval_prompts:
@@ -47,10 +74,14 @@ def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluatio
                 for t in config.candidate_triggers]
     report["known_trigger"] = [{k: v for k, v in a.items() if k != "states"} for a in analyses]
     report["model"] = {"path": suspect_model["path"], "weights_sha256": suspect_model.get("weights_sha256") or weights_sha256(suspect_model["path"]),
-                       "reference_model_path": config.reference_model_path}
+                       "reference_model_path": chosen["path"]}
+    report["reference"] = chosen
     report["stage_seconds"] = {"probe": report.pop("seconds"), "total": time.perf_counter() - start}
 
     metrics = {"probe.recommended_layer": layer, "probe.likely_backdoored": float(report["verdict"] == "likely_backdoored")}
+    cell = report["decision"]["carried_by"] or report["decision"]["closest"]
+    if cell:  # the cell that carried the verdict, or the one that came closest
+        metrics.update({"probe.p_adjusted": cell["p_adjusted"], "probe.verdict_layer": cell["layer"], "probe.verdict_budget": cell["budget"]})
     for c in report["curves"]:
         for b, o, r in zip(c["budgets"], c["optimised"], c["random"]):
             metrics[f"probe.layer{c['layer']}.flip_x{b:g}"] = o
@@ -59,7 +90,7 @@ def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluatio
         metrics[f"probe.trigger.{_key(a['trigger'])}.uniformity"] = a["uniformity"]
         metrics[f"probe.trigger.{_key(a['trigger'])}.cosine_with_perturbation"] = a["cosine_with_perturbation"]
     log_metrics(metrics)
-    set_tags({"probe.verdict": report["verdict"], "probe.recommended_layer": layer})
+    set_tags({"probe.verdict": report["verdict"], "probe.recommended_layer": layer, "probe.reference": chosen["kind"]})
 
     figures = {"entrapment_curves.png": plot_curves(report)}
     if analyses:
