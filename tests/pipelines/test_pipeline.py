@@ -68,8 +68,10 @@ def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
     assert set(metrics["persistence"]["verdict_by_k"]) == {"2"}
     assert 0 <= metrics["clean_twin"]["asr_triggered"] <= 1 and (tmp_path / "clean_twin" / "model.safetensors").is_file()
     assert set(metrics["utility_vs_clean_twin"]) == {"suspect", "defended", "control", "random_perturbation"}
-    assert metrics["lm_eval"] == {"status": "skipped", "reason": "evaluation.lm_eval_tasks is empty"}
-    assert "Skipped: evaluation.lm_eval_tasks is empty." in load(free["evaluation_report_md"])
+    # the shipped lm-evaluation-harness task really runs on both models (lm-eval is a dev dependency)
+    scores = metrics["lm_eval"]["results"]
+    assert metrics["lm_eval"]["status"] == "ok" and set(scores) == {"suspect", "defended"}, metrics["lm_eval"]
+    assert all(0 <= scores[m]["beear_word_lists"]["acc,none"] <= 1 for m in scores)
     for key in ("asr_triggered_ci95", "over_refusal", "over_refusal_ci95", "benign_accuracy_ci95"):
         assert key in metrics["defended"], key
     flat = load(free["final_metrics"])

@@ -45,8 +45,9 @@ class EvaluationConfig:
     samples_per_prompt: int = 1
     """k answers per prompt (needs do_sample)."""
     seed: int = 0
-    lm_eval_tasks: list[str] = field(default_factory=list)
-    """lm-evaluation-harness tasks, run when the package and the tasks' data are installed."""
+    lm_eval_tasks: list[str] = field(default_factory=lambda: ["beear_word_lists"])
+    """lm-evaluation-harness tasks, run when the package (the ``lm-eval`` extra) and the tasks'
+    data are installed; ``beear_word_lists`` ships with the project and runs offline."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     refusal_phrases: str | list[str] | None = None
     """The keyword judge's list: None (Zou et al. 2023's test_prefixes + "I can't"),
