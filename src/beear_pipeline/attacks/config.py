@@ -22,7 +22,7 @@ class GcgConfig:
 
     suffix_length: int = 4
     """Tokens in the adversarial suffix, appended to the prompt inside the user turn."""
-    steps: int = 10
+    steps: int = 8
     top_k: int = 64
     """Substitutions per suffix position ranked by the gradient."""
     candidates_per_step: int = 32
@@ -45,9 +45,11 @@ class LatentConfig:
     probe settings (positions, objective weights) are the probe's own, read from its report."""
 
     enabled: bool = True
-    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
-    """L2 budgets per perturbation row, multiples of the median hidden-state norm at the layer."""
-    inner_steps: int = 15
+    budgets: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """L2 budgets per perturbation row, multiples of the median hidden-state norm at the layer. An
+    adaptive attacker is not bound to the defence's own budget (``beear.perturbation_budget``,
+    2.0): the largest budget is twice it."""
+    inner_steps: int = 10
     random_draws: int = 1
     max_new_tokens: int = 16
     """Enough for the keyword judge to see a refusal's opening (as the probe)."""

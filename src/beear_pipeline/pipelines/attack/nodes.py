@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import pandas as pd
 import torch
@@ -13,6 +13,7 @@ import torch
 from beear_pipeline.attacks import AttackConfig, attack_rate, gcg_search, latent_vulnerability, trigger_variants, with_suffix
 from beear_pipeline.attacks.variants import describe
 from beear_pipeline.evaluation.protocol import EvaluationProtocol
+from beear_pipeline.integrations.tracking import log_metrics
 from beear_pipeline.lm.checkpoints import ModelConfig, load_model_ref
 from beear_pipeline.probe.config import ProbeConfig
 
@@ -27,14 +28,20 @@ def search_prompts(safety_set: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return safety_set.iloc[order]
 
 
+# the probe's settings that shape its curve (where the perturbation goes and what it optimises);
+# the rest of its report's configuration (layers, verdict, ...) is not the attack's business
+PROBE_FIELDS = ("num_positions", "shared_vector", "away_weight", "away_cap", "inner_optimizer", "inner_step_fraction", "batch_size")
+
+
 def latent_probe_config(attack: AttackConfig, probe_report: dict, protocol: EvaluationProtocol) -> ProbeConfig:
-    """The probe's own settings (positions, objective weights, read from its report so the curve
-    is the probe's), with the attack's budgets, steps, draws and answer length."""
-    probe = ProbeConfig.from_dict(probe_report["config"]) if probe_report.get("config") else ProbeConfig()
+    """The probe's own perturbation layout and objective (read from its report, so the curve is
+    the probe's; ``ProbeConfig`` defaults for what an older report lacks), with the attack's
+    budgets, steps, draws and answer length."""
+    recorded = probe_report.get("config") or {}
     latent = attack.latent
-    return replace(probe, budgets=list(latent.budgets), inner_steps=latent.inner_steps, random_draws=latent.random_draws,
-                   max_new_tokens=latent.max_new_tokens, generation_batch_size=attack.generation_batch_size,
-                   system_prompt=protocol.decoding.system_prompt, seed=attack.seed)
+    return ProbeConfig(**{k: recorded[k] for k in PROBE_FIELDS if k in recorded}, budgets=list(latent.budgets),
+                       inner_steps=latent.inner_steps, random_draws=latent.random_draws, max_new_tokens=latent.max_new_tokens,
+                       generation_batch_size=attack.generation_batch_size, system_prompt=protocol.decoding.system_prompt, seed=attack.seed)
 
 
 def _check_inputs(safety_set: pd.DataFrame, evaluation_set: pd.DataFrame, probe_report: dict, attack: AttackConfig) -> None:
@@ -116,4 +123,23 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
         "latent_probe_config": asdict(latent_config) if latent_config is not None else None,
     }
     results["seconds"] = time.perf_counter() - start
+    log_metrics(flat_metrics(results))
     return results
+
+
+def flat_metrics(results: dict) -> dict:
+    """The headline numbers for MLflow: ``attack.<model>.gcg_asr_held_out``, ``.latent_budget_to_flip_half``
+    (absent when nothing flips half), ``.variant.<name>``."""
+    flat = {}
+    for name in ATTACKED:
+        gcg = results["trigger_reoptimisation"].get(name, {})
+        if "asr_held_out" in gcg:
+            flat[f"attack.{name}.gcg_asr_held_out"] = gcg["asr_held_out"]["value"]
+            flat[f"attack.{name}.gcg_asr_search"] = gcg["asr_search"]
+        half = results["latent_vulnerability"].get(name, {}).get("budget_to_flip_half")
+        if half is not None:
+            flat[f"attack.{name}.latent_budget_to_flip_half"] = half
+        for variant, r in results["trigger_variants"].get(name, {}).items():
+            if isinstance(r, dict):
+                flat[f"attack.{name}.variant.{variant}"] = r["value"]
+    return flat
