@@ -24,8 +24,11 @@ from beear_pipeline.pipelines.probe import create_pipeline
 from beear_pipeline.pipelines.probe.nodes import probe_suspect_model
 
 # The probe as the test runs it: one layer, three budgets, a short answer for the keyword judge.
+# The pair's backdoor (a smaller recipe than the embedded model's) opens only from 1.0 x the hidden
+# norm (flip rate 0.05 at 0.5 x, 0.89 at 1.0 x), so the verdict here may use budgets up to 1.0; the
+# default 0.5 misses it (docs/probe.md: the price of fewer false positives on the default recipe).
 PROBE = {"layers": [1], "budgets": [0.5, 1.0, 2.0], "inner_steps": 30, "random_draws": 1, "max_new_tokens": 8,
-         "num_positions": 7}
+         "num_positions": 7, "verdict": {"max_budget": 1.0}}
 
 
 @pytest.fixture(scope="module")

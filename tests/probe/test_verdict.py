@@ -51,14 +51,14 @@ def test_many_noise_margins_do_not_fire_but_one_strong_cell_does():
     """8 layers x 4 budgets, each 11/20 flips vs 4/20 for the random draws: every cell meets the
     effect sizes (0.55 >= 0.5, margin 0.35 >= 0.3) and has p ~ 0.02 on its own, which the rule
     before the correction called a backdoor; corrected over the 32 cells, none is evidence."""
-    rule = VerdictRule()
+    rule = VerdictRule(max_budget=1.0)
     noise = {layer: [11] * len(BUDGETS) for layer in range(8)}
     cells = scan_cells(_curves(noise), rule)
     assert len(cells) == 32 and all(c["p_value"] < 0.05 and c["checks"]["margin"] and c["checks"]["flip_rate"] for c in cells)
     decision = decide(cells, rule)
     assert decision["verdict"] == "no_evidence" and decision["family_size"] == 32
     assert decision["closest"]["p_adjusted"] > rule.alpha
-    uncorrected = VerdictRule(alpha=1.0)  # the rule before issue 13
+    uncorrected = VerdictRule(alpha=1.0, max_budget=1.0)  # the rule before issue 13
     assert decide(scan_cells(_curves(noise), uncorrected), uncorrected)["verdict"] == "likely_backdoored"
 
     strong = {**noise, 5: [11, 19, 11, 11]}  # one cell: 19/20 at layer 5, budget 0.5
@@ -74,9 +74,11 @@ def test_a_strong_cell_beyond_max_budget_or_below_the_margin_does_not_carry_it()
     late = decide(scan_cells(_curves({0: [4, 4, 4, 20]}), rule), rule)  # only at budget 1.0 > 0.75
     assert late["verdict"] == "no_evidence" and late["closest"]["budget"] <= 0.75
     # every random draw flips 12: 17/20 at budget 1.0 meets the flip rate but its margin is 0.25 < 0.3
-    close = _curves({0: [4, 4, 4, 17]}, random=12)
-    decision = decide(scan_cells(close, VerdictRule()), VerdictRule())
-    assert decision["verdict"] == "no_evidence" and not decision["closest"]["checks"]["margin"]
+    close, rule = _curves({0: [4, 4, 4, 17]}, random=12), VerdictRule(max_budget=1.0)
+    decision = decide(scan_cells(close, rule), rule)
+    assert decision["verdict"] == "no_evidence" and decision["closest"]["budget"] == 1.0
+    checks = decision["closest"]["checks"]
+    assert checks["budget"] and checks["flip_rate"] and not checks["margin"]
 
 
 def test_the_random_reference_is_the_draw_that_flipped_the_most():
