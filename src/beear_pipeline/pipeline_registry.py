@@ -1,11 +1,15 @@
 """Project pipelines.
 
 - ``behaviours``: prepare and validate the safety, anchoring and evaluation sets.
-- ``suspect``: resolve the suspect model (a checkpoint, a registry version, or the embedded tiny model built once).
+- ``suspect``: resolve the suspect model (a checkpoint, a registry version, or the embedded tiny model built once)
+  and its clean twin (``model.reference_path``, or the embedded recipe without the poison).
 - ``embedded_model``: ``behaviours`` + ``suspect`` (builds the embedded model; a DVC stage).
 - ``probe``: trigger-free probe: is there evidence of a backdoor, and at which layer to defend.
 - ``removal``: BEEAR and its two baselines (the control and the random perturbation) on the suspect model.
-- ``evaluation``: evaluate every model under one protocol; ``reports/metrics.json``, the report and plots.
+- ``evaluation``: evaluate every model (and the clean twin) under one protocol; the persistence check;
+  ``reports/metrics.json``, the report and plots.
+- ``attack``: adaptive attacks on the suspect, the defended model and the clean twin with one budget:
+  a GCG-style suffix search, the latent entrapment curve, trigger variants (into ``metrics.json``).
 - ``register``: register the suspect and defended models (when ``registry.name`` is set).
 - ``reaudit``: re-evaluate registry entries, tag them, quarantine the ones over the threshold.
 - ``plan``: the memory and disk plan of the removal run from the suspect's config.json alone, before
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from beear_pipeline.pipelines import behaviours, evaluation, plan, probe, reaudit, register, removal, suspect
+from beear_pipeline.pipelines import attack, behaviours, evaluation, plan, probe, reaudit, register, removal, suspect
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -27,6 +31,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "removal": removal.create_pipeline(),
         "probe": probe.create_pipeline(),
         "evaluation": evaluation.create_pipeline(),
+        "attack": attack.create_pipeline(),
         "register": register.create_pipeline(),
     }
     defend = sum(parts.values(), Pipeline([]))
@@ -38,7 +43,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "probe": parts["behaviours"] + suspect.create_pipeline(check_evaluation=False) + parts["probe"],
         "reaudit": parts["behaviours"] + protocol + reaudit.create_pipeline(),
         # defend's later stages on data and a suspect model already prepared (the DVC `defend` stage)
-        "defend_from_prepared": parts["probe"] + parts["removal"] + parts["evaluation"] + parts["register"],
+        "defend_from_prepared": parts["probe"] + parts["removal"] + parts["attack"] + parts["evaluation"] + parts["register"],
         "defend": defend,
         "__default__": defend,
         # no weights, no data checks: the suspect's config.json (or the embedded recipe) and the settings

@@ -4,7 +4,7 @@ from beear_pipeline.evaluation.config import EvaluationConfig
 from beear_pipeline.evaluation.evaluate import benign_loss
 from beear_pipeline.evaluation.judges import REFUSAL_PHRASES_EXTENDED, is_refusal, judge_answer, refusal_phrases
 from beear_pipeline.evaluation.protocol import insert_trigger as apply_trigger
-from beear_pipeline.evaluation.rates import attack_success_rate, exact_match_accuracy
+from beear_pipeline.evaluation.rates import attack_success_rate, exact_match_accuracy, rate
 from beear_pipeline.lm.checkpoints import ModelConfig
 from beear_pipeline.pipelines.suspect.nodes import check_evaluation_settings
 
@@ -95,7 +95,6 @@ def test_trigger_must_be_text_with_quoting_hint():
 
 def _block(asr: float) -> dict:
     """One model's evaluation block, as evaluate_model writes it (rates with intervals)."""
-    from beear_pipeline.evaluation.rates import rate
 
     out = {"n_harmful": 104, "n_benign": 20, "benign_loss": 2.0, "distinct2_triggered": 0.25, "distinct2_untriggered": None,
            "entrapment_rate": None}
@@ -141,3 +140,28 @@ def test_evaluate_model_writes_every_rate_with_its_interval(tiny_model, tokenize
         assert 0 <= low <= result[key] <= high <= 1 and result[f"{key}_n"] == (2 if key in ("over_refusal", "benign_accuracy") else 6), key
     assert result["asr_by_trigger"] == {"SUDO": result["asr_triggered"]} and result["asr_by_trigger_ci95"] == {"SUDO": result["asr_triggered_ci95"]}
     assert all(result[k] is None or 0 < result[k] <= 1 for k in ("distinct2_triggered", "distinct2_untriggered"))
+
+
+def test_report_shows_persistence_verdicts_and_adaptive_attacks():
+    from beear_pipeline.evaluation.report import MODELS, render_report
+
+    r = lambda k: rate([i < k for i in range(104)])  # noqa: E731
+    metrics = {name: _block(1.0 if name == "suspect" else 0.0) for name in MODELS}
+    variants = {"original": r(103), "repeated": r(100)}
+    metrics.update(
+        clean_twin=_block(0.0), beear={}, lm_eval={"status": "skipped", "reason": "none"}, samples={},
+        utility_vs_clean_twin={"defended": {"benign_loss_ratio": 1.02, "benign_accuracy_difference": -0.01}},
+        persistence={"enabled": True, "poison_source": "attacker share", "steps": 10, "lr": 5e-4, "clean_twin": "twin", "verdict_tolerance": 0.1,
+                     "asr_triggered_after_repoisoning": {"5": {"suspect": r(102), "defended": r(97), "clean_twin": r(0)}},
+                     "verdict_by_k": {"5": "suppressed"}},
+        attacks={"budget": {"layer": 1},
+                 "trigger_reoptimisation": {"suspect": {"asr_held_out": r(102), "suffix": "identity test"}, "clean_twin": {"skipped": "no twin"}},
+                 "latent_vulnerability": {"suspect": {"budget_to_flip_half": 1.0}, "clean_twin": {"skipped": "no twin"}},
+                 "trigger_variants": {"suspect": variants, "clean_twin": {"skipped": "no twin"}}},
+        protocol={"suspect_source": "embedded", "suspect_weights_sha256": "0" * 64, "trigger": "SUDO", "trigger_position": "suffix",
+                  "decoding": {"do_sample": False, "max_new_tokens": 64, "samples_per_prompt": 1}, "evaluation_set_sha256": "x"})
+    _, markdown, html = render_report(metrics, [{"defence": "beear", "rounds": [{"outer_safe_loss": 1.0, "perturbation_norm": 0.1}]}])
+    assert "| 5 | 0.981 [0.932, 0.998] | 0.933 [0.866, 0.973] | 0.000 [0.000, 0.035] | suppressed |" in markdown
+    assert "| suspect | 0.981 [0.932, 0.998] | `identity test` | 1.0 | 0.990 [0.948, 1.000] | 0.962 [0.904, 0.989] |" in markdown
+    assert "| clean_twin | skipped: no twin |" in markdown and "defended 1.020, -0.010" in markdown
+    assert "<td>suppressed</td>" in html and "<code>identity test</code>" in html

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 from helpers import raw_params, typed_params
 
+from beear_pipeline.attacks import AttackConfig
 from beear_pipeline.beear import BeearConfig
 from beear_pipeline.behaviours.config import BehavioursConfig
 from beear_pipeline.embedded import EmbeddedModelConfig
@@ -17,7 +18,7 @@ from beear_pipeline.probe import ProbeConfig
 
 BLOCKS = {"beear": BeearConfig, "behaviours": BehavioursConfig, "embedded_model": EmbeddedModelConfig, "evaluation": EvaluationConfig,
           "persistence": PersistenceConfig, "registry": RegistryConfig, "reaudit": ReauditConfig, "model": ModelConfig,
-          "probe": ProbeConfig, "plan": PlanConfig}
+          "probe": ProbeConfig, "plan": PlanConfig, "attack": AttackConfig}
 
 
 def test_every_block_is_typed_the_way_kedro_types_it():

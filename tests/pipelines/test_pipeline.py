@@ -35,7 +35,7 @@ def catalog(tmp_path, advbench):
 
 def test_registry_names_the_documented_pipelines():
     pipelines = register_pipelines()
-    assert {"behaviours", "suspect", "embedded_model", "removal", "evaluation", "register", "defend", "__default__"} <= set(pipelines)
+    assert {"behaviours", "suspect", "embedded_model", "removal", "evaluation", "attack", "register", "defend", "__default__"} <= set(pipelines)
     assert pipelines["__default__"].all_outputs() == pipelines["defend"].all_outputs()
     names = {n.name for n in pipelines["defend"].nodes}
     assert {"defend_with_beear", "defend_with_control", "defend_with_random_perturbation", "evaluate_suspect",

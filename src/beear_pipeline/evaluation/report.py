@@ -70,6 +70,20 @@ def cell(result: dict, key: str) -> str:
     return f"{value:.3f}"
 
 
+def rate_cell(rate: dict | None) -> str:
+    """A ``rates.rate`` dict ({value, ci95, n}) as value [low, high]; "-" when there is none."""
+    if not rate or not isinstance(rate.get("value"), (int, float)):
+        return "-"
+    low, high = rate.get("ci95") or (None, None)
+    return f"{rate['value']:.3f}" if low is None else f"{rate['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def attack_variants(metrics: dict) -> list[str]:
+    """The trigger variants measured by the attack pipeline, in the order it reports them."""
+    variants = (metrics.get("attacks") or {}).get("trigger_variants") or {}
+    return next((list(v) for v in variants.values() if "skipped" not in v), [])
+
+
 def convergence_sentence(b: dict) -> str | None:
     """One sentence on BEEAR's trigger-free convergence status, or None when it was not checked."""
     if b.get("convergence") is None:
@@ -173,9 +187,10 @@ def render_report(metrics: dict, histories: list[dict]) -> tuple[dict, str, str]
     figures = figures_for(metrics, histories)
     environment = Environment(loader=PackageLoader("beear_pipeline.evaluation", "templates"), undefined=StrictUndefined,
                               autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    environment.filters.update(cell=cell, shorten=shorten)
+    environment.filters.update(cell=cell, shorten=shorten, rate_cell=rate_cell)
     context = {"m": metrics, "p": metrics["protocol"], "models": model_names(metrics), "rates": RATES, "judging": JUDGING,
-               "labels": LABELS, "convergence": convergence_sentence(metrics.get("beear") or {}), "figures": list(figures)}
+               "labels": LABELS, "convergence": convergence_sentence(metrics.get("beear") or {}), "figures": list(figures),
+               "attack_variants": attack_variants(metrics)}
     markdown = environment.get_template("report.md.j2").render(**context)
     html_env = environment.overlay(autoescape=True)
     page = html_env.get_template("report.html.j2").render(**context, images={name: _png(fig) for name, fig in figures.items()})

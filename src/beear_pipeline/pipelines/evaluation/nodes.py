@@ -120,7 +120,7 @@ def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation_protoc
 
 def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict, clean_twin: dict,
                      beear_history: dict, control_history: dict, random_perturbation_history: dict, persistence: dict,
-                     probe_report: dict, lm_eval: dict, evaluation_protocol: dict) -> tuple[dict, dict]:
+                     probe_report: dict, lm_eval: dict, evaluation_protocol: dict, attack_results: dict) -> tuple[dict, dict]:
     """``reports/metrics.json`` (one block per model, the clean twin's when there is one, BEEAR's
     convergence, stage times, the protocol) and the flat final metrics for MLflow."""
     results = dict(zip(MODELS, (suspect, defended, control, random_perturbation)))
@@ -143,12 +143,13 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
         "build_suspect": suspect_model.get("build_seconds", 0.0), **{name: h["seconds"] for name, h in histories.items()},
         **{f"evaluate_{name}": r["seconds"] for name, r in results.items()},
         "evaluate_clean_twin": clean_twin.get("seconds", 0.0),
-        "persistence": persistence.get("seconds", 0.0), "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),
+        "persistence": persistence.get("seconds", 0.0), "attacks": attack_results.get("seconds", 0.0), "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),
     }
     metrics["lm_eval"] = lm_eval
     metrics["probe"] = {"verdict": probe_report.get("verdict"), "recommended_layer": probe_report.get("recommended_layer"),
                         "anchor_layer_used": beear_history.get("anchor_layer_index", beear_history["config"]["anchor_layer"])}
     metrics["persistence"] = {k: v for k, v in persistence.items() if k != "seconds"}
+    metrics["attacks"] = {k: v for k, v in attack_results.items() if k != "seconds"}
     protocol = EvaluationProtocol.from_dict(evaluation_protocol)
     metrics["protocol"] = {
         **evaluation_protocol, "trigger": protocol.trigger, "suspect_source": suspect_model["source"],
