@@ -22,7 +22,9 @@ def catalog(tmp_path, advbench):
         beear={"max_rounds": 2, "inner_steps": 1, "inner_max_steps": 1, "batch_size": 4, "anchoring_batch_size": 4,
                "checkpoint_dir": str(tmp_path / "beear_checkpoints")},
         persistence={"k": [2], "steps": 1},
-        probe={"layers": [0], "budgets": [1.0], "inner_steps": 1, "random_draws": 1, "max_new_tokens": 4})
+        probe={"layers": [0], "budgets": [1.0], "inner_steps": 1, "random_draws": 1, "max_new_tokens": 4},
+        attack={"max_eval_prompts": 8, "max_new_tokens": 4, "gcg": {"steps": 1, "search_prompts": 4, "candidates_per_step": 4},
+                "latent": {"budgets": [1.0], "inner_steps": 1, "max_new_tokens": 4}})
     datasets = {"advbench": MemoryDataset(advbench)}
     datasets.update({f"params:{k}": MemoryDataset(v, copy_mode="assign") for k, v in params.items()})
     for name in ("defended_model", "control_model", "random_perturbation_model"):
@@ -68,6 +70,10 @@ def test_defend_pipeline_runs_with_in_memory_catalog(catalog, tmp_path):
     assert set(metrics["persistence"]["verdict_by_k"]) == {"2"}
     assert 0 <= metrics["clean_twin"]["asr_triggered"] <= 1 and (tmp_path / "clean_twin" / "model.safetensors").is_file()
     assert set(metrics["utility_vs_clean_twin"]) == {"suspect", "defended", "control", "random_perturbation"}
+    attacks = metrics["attacks"]
+    for section in ("trigger_reoptimisation", "latent_vulnerability", "trigger_variants"):
+        assert set(attacks[section]) == {"suspect", "defended", "clean_twin"}, section
+    assert attacks["trigger_reoptimisation"]["defended"]["asr_held_out"]["n"] == 8 and attacks["budget"]["gcg"]["steps"] == 1
     # the shipped lm-evaluation-harness task really runs on both models (lm-eval is a dev dependency)
     scores = metrics["lm_eval"]["results"]
     assert metrics["lm_eval"]["status"] == "ok" and set(scores) == {"suspect", "defended"}, metrics["lm_eval"]
