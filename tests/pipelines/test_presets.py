@@ -98,7 +98,7 @@ def test_preset_is_conf_base_with_its_own_overrides(name):
 # a valid value, other than any preset's, for every key that conf/base links another key to
 LINKED = {"evaluation.system_prompt": "Be brief.", "evaluation.batch_size": 8, "evaluation.refusal_phrases": "extended",
           "beear.inner_optimizer": "pgd", "beear.inner_step_fraction": 0.2, "beear.away_weight": 0.1, "beear.away_cap": 4.0,
-          "beear.batch_size": 3, "registry.asr_threshold": 0.1}
+          "beear.batch_size": 3, "registry.asr_threshold": 0.1, "registry.gate_statistic": "point"}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -118,7 +118,7 @@ def lm_eval_utility(suspect_model: dict, defended_model: dict, evaluation_protoc
                                    evaluation_protocol["lm_eval_tasks"])
 
 
-def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict, clean_twin: dict,
+def assemble_metrics(suspect_model: dict, clean_twin_model: dict, suspect: dict, defended: dict, control: dict, random_perturbation: dict, clean_twin: dict,
                      beear_history: dict, control_history: dict, random_perturbation_history: dict, persistence: dict,
                      probe_report: dict, lm_eval: dict, evaluation_protocol: dict, attack_results: dict) -> tuple[dict, dict]:
     """``reports/metrics.json`` (one block per model, the clean twin's when there is one, BEEAR's
@@ -140,7 +140,7 @@ def assemble_metrics(suspect_model: dict, suspect: dict, defended: dict, control
             metrics[name][key] = audit[key] if audit else None
     metrics["beear"] = report.convergence_summary(beear_history)
     metrics["stage_seconds"] = {
-        "build_suspect": suspect_model.get("build_seconds", 0.0), **{name: h["seconds"] for name, h in histories.items()},
+        "build_suspect": suspect_model.get("build_seconds", 0.0), "build_clean_twin": clean_twin_model.get("build_seconds", 0.0), **{name: h["seconds"] for name, h in histories.items()},
         **{f"evaluate_{name}": r["seconds"] for name, r in results.items()},
         "evaluate_clean_twin": clean_twin.get("seconds", 0.0),
         "persistence": persistence.get("seconds", 0.0), "attacks": attack_results.get("seconds", 0.0), "probe": probe_report.get("stage_seconds", {}).get("total", 0.0),

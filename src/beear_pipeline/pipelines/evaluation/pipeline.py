@@ -31,7 +31,7 @@ def create_pipeline(**kwargs) -> Pipeline:
               "evaluation_protocol", "params:model"], "persistence", name="check_persistence"),
         node(lm_eval_utility, ["suspect_model", "defended_model", "evaluation_protocol", "params:model"], "lm_eval_results", name="lm_eval_utility"),
         node(assemble_metrics,
-             ["suspect_model", *(f"{m}_evaluation" for m in MODELS), "clean_twin_evaluation", "beear_history", "control_history",
+             ["suspect_model", "clean_twin_model", *(f"{m}_evaluation" for m in MODELS), "clean_twin_evaluation", "beear_history", "control_history",
               "random_perturbation_history", "persistence", "probe_report", "lm_eval_results", "evaluation_protocol",
               "attack_results"],
              ["metrics", "final_metrics"], name="assemble_metrics"),
