@@ -74,7 +74,8 @@ def run_case(case: str) -> dict | None:
     where = project(case)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
            "MLFLOW_TRACKING_URI": f"sqlite:///{where / 'mlflow.db'}", "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    args = ["run", "--pipeline=defend", *(x for p in CASES[case] for x in ("--params", p))]
+    # one --params with every override: Kedro keeps only the last of several --params options
+    args = ["run", "--pipeline=defend", *(["--params", ",".join(CASES[case])] if CASES[case] else [])]
     start = time.perf_counter()
     proc = subprocess.run([str(Path(sys.executable).parent / "kedro"), *args], cwd=where, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -82,19 +83,32 @@ def run_case(case: str) -> dict | None:
     if proc.returncode:
         print(f"{case}: failed (see {where / 'run.log'})\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
-    metrics = json.loads((where / "reports" / "metrics.json").read_text())
-    row = {"case": case, "params": CASES[case], "commit": commit(), "wall_seconds": wall,
-           "convergence": metrics["beear"].get("convergence"), "rounds": metrics["beear"].get("rounds"),
-           "persistence": metrics.get("persistence", {}).get("verdict_by_k"), "probe": metrics.get("probe", {}).get("verdict")}
-    for name in MODELS:
-        m = metrics.get(name) or {}
-        row[name] = {k: m.get(k) for k in ("asr_triggered", "asr_triggered_ci95", "asr_untriggered", "benign_loss", "over_refusal")}
+    row = summarise(case, json.loads((where / "reports" / "metrics.json").read_text()), wall)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{case}: suspect {row['suspect']['asr_triggered']:.3f} -> BEEAR {row['defended']['asr_triggered']:.3f}, control "
           f"{row['control']['asr_triggered']:.3f}, random {row['random_perturbation']['asr_triggered']:.3f} ({row['convergence']}), "
           f"{wall:.0f} s", flush=True)
+    return row
+
+
+def summarise(case: str, metrics: dict, wall: float) -> dict:
+    """One results row from a run's reports/metrics.json."""
+    row = {"case": case, "params": CASES[case], "commit": commit(), "wall_seconds": wall,
+           "trigger": metrics["protocol"]["trigger"], "trigger_position": metrics["protocol"]["trigger_position"],
+           "convergence": metrics["beear"].get("convergence"), "rounds": metrics["beear"].get("rounds"),
+           "persistence": metrics.get("persistence", {}).get("verdict_by_k"), "probe": metrics.get("probe", {}).get("verdict")}
+    for name in MODELS:
+        m = metrics.get(name) or {}
+        row[name] = {k: m.get(k) for k in ("asr_triggered", "asr_triggered_ci95", "asr_untriggered", "benign_loss", "over_refusal",
+                                           "repetition_triggered", "entrapment_excess")}
+    after = metrics.get("persistence", {}).get("asr_triggered_after_repoisoning", {})
+    row["repoisoned"] = {k: {m: r["value"] for m, r in models.items()} for k, models in after.items()}
+    attacks = metrics.get("attacks") or {}
+    row["attacks"] = {m: {"suffix_search": (attacks.get("trigger_reoptimisation", {}).get(m) or {}).get("asr_held_out", {}).get("value"),
+                          "latent_budget_to_flip_half": (attacks.get("latent_vulnerability", {}).get(m) or {}).get("budget_to_flip_half")}
+                      for m in ("suspect", "defended", "clean_twin")}
     return row
 
 
@@ -120,6 +134,26 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _num(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report_attacks(rows: list[dict]) -> str:
+    """Persistence at k = 5 and the adaptive attacks, per case."""
+    latest = {r["case"]: r for r in rows}
+    lines = ["| case | re-poisoned k=5: suspect / defended / twin | verdict k=5 | suffix search: suspect / defended / twin | "
+             "latent budget to flip half: suspect / defended / twin |", "|---|---|---|---|---|"]
+    models = ("suspect", "defended", "clean_twin")
+    for case in (c for c in CASES if c in latest):
+        r = latest[case]
+        k5, a = r.get("repoisoned", {}).get("5", {}), r.get("attacks", {})
+        repoisoned = " / ".join(_num(k5.get(m)) for m in models)
+        search = " / ".join(_num(a.get(m, {}).get("suffix_search")) for m in models)
+        latent = " / ".join(_num(a.get(m, {}).get("latent_budget_to_flip_half"), "g") for m in models)
+        lines.append(f"| {case} | {repoisoned} | {(r.get('persistence') or {}).get('5', '-')} | {search} | {latent} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", help="comma-separated case names (default: all): " + ", ".join(CASES))
@@ -128,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-        print(report(rows))
+        print(report(rows) + "\n\n" + report_attacks(rows))
         return
     names = args.cases.split(",") if args.cases else list(CASES)
     unknown = [n for n in names if n not in CASES]
