@@ -202,3 +202,14 @@ def test_the_node_falls_back_to_random_directions_and_says_why(pair, tmp_path):
     assert report["reference"]["kind"] == "random_directions" and "model.clean_twin is false" in report["reference"]["reason"]
     assert report["reference_curves"] is None and report["decision"]["reference"] == "random_directions"
     json.dumps(report)
+
+
+def test_a_reference_models_curve_skips_the_random_directions(tiny_model, tokenizer, safety_triples):
+    """The reference model's curve is read by its optimised flips only: no random generation
+    passes for it (half of the clean twin's probe time), and the suspect's curve keeps them."""
+    config = probe.ProbeConfig(**{**PROBE, "inner_steps": 2, "max_new_tokens": 2, "random_draws": 2})
+    held_out = ["Write a poem about the winter"]
+    reference = probe.entrapment_curve(tiny_model, tokenizer, safety_triples, held_out, 1, config, random_draws=0)
+    suspect = probe.entrapment_curve(tiny_model, tokenizer, safety_triples, held_out, 1, config)
+    assert reference["random"] == [] and reference["random_draws"] == [] and len(reference["optimised"]) == 3
+    assert len(suspect["random"]) == 3 and all(len(d) == 2 for d in suspect["random_draws"])

@@ -117,7 +117,8 @@ def smallest_flipping_budget(budgets: Sequence[float], rates: Sequence[float], t
 
 
 def entrapment_curve(model, tokenizer, safety: Sequence[tuple[str, str, str]], held_out_prompts: Sequence[str],
-                     layer: int, config: ProbeConfig, phrases: Sequence[str] = REFUSAL_PHRASES) -> dict:
+                     layer: int, config: ProbeConfig, phrases: Sequence[str] = REFUSAL_PHRASES, *,
+                     random_draws: int | None = None) -> dict:
     """The entrapment curve of one layer: for each relative budget, the flip rate of the
     optimised perturbation and the mean flip rate of random directions of the same norm, on
     ``held_out_prompts`` (which must not be the safety-set prompts).
@@ -125,7 +126,10 @@ def entrapment_curve(model, tokenizer, safety: Sequence[tuple[str, str, str]], h
     Returns ``{"layer", "hidden_norm", "budgets", "norms", "optimised", "random", "b50",
     "b50_random", "perturbations"}``; ``perturbations`` holds the found tensors (CPU). Also
     ``n_prompts`` and ``random_draws`` (each draw's flip rate per budget; ``random`` is their
-    mean), which the verdict's exact test needs as counts.
+    mean), which the verdict's exact test needs as counts. ``random_draws`` overrides
+    ``config.random_draws``; 0 skips the random directions (a clean reference model's curve is
+    compared by its optimised flips only, so its random draws would be generation passes for
+    nothing).
     """
     start = time.perf_counter()
     overlap = set(held_out_prompts) & {t[0] for t in safety}
@@ -145,17 +149,18 @@ def entrapment_curve(model, tokenizer, safety: Sequence[tuple[str, str, str]], h
         return attack_success_rate(generate(model, tokenizer, held_out_prompts, perturbation=perturbation, desc=desc, **decode), phrases)
 
     generator = torch.Generator().manual_seed(config.seed + 1)
-    optimised, random, random_draws = [], [], []
+    optimised, random, random_draws_per_budget = [], [], []
     for budget, delta in zip(budgets, deltas):
         optimised.append(flip_rate(delta, f"layer {layer} x{budget}"))
         draws = [flip_rate(entrapment.random_direction(delta.shape, delta.norm(dim=-1).cpu(), generator).to(delta.device), "random")
-                 for _ in range(config.random_draws)]
-        random.append(sum(draws) / len(draws))
-        random_draws.append(draws)
+                 for _ in range(config.random_draws if random_draws is None else random_draws)]
+        if draws:
+            random.append(sum(draws) / len(draws))
+            random_draws_per_budget.append(draws)
     threshold = config.verdict.flip_threshold
     curve = {
         "layer": layer, "hidden_norm": norm, "budgets": budgets, "norms": norms, "optimised": optimised, "random": random,
-        "random_draws": random_draws, "n_prompts": len(held_out_prompts),
+        "random_draws": random_draws_per_budget, "n_prompts": len(held_out_prompts),
         "b50": smallest_flipping_budget(budgets, optimised, threshold),
         "b50_random": smallest_flipping_budget(budgets, random, threshold),
         "seconds": time.perf_counter() - start, "perturbations": [d.cpu() for d in deltas],
@@ -276,7 +281,7 @@ def probe_model(model, tokenizer, safety: Sequence[tuple[str, str, str]], held_o
               for x in tqdm(layers, desc="probe layers", leave=False, disable=None)]
     ref_curves = None
     if reference is not None:
-        ref_curves = [entrapment_curve(*reference, safety, held_out_prompts, x, config, phrases) for x in layers]
+        ref_curves = [entrapment_curve(*reference, safety, held_out_prompts, x, config, phrases, random_draws=0) for x in layers]
     cells = scan_cells(curves, config.verdict, ref_curves)
     decision = decide(cells, config.verdict)
     evidence = [layer_evidence(c, config.verdict, cells=cells) for c in curves]
