@@ -191,7 +191,9 @@ def test_second_run_reuses_the_embedded_model_and_plural_spelling_works(defended
     done = kedro(project, "--pipelines=embedded_model")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing the embedded suspect model" in done.stderr + done.stdout
+    assert "reusing the embedded clean twin model" in done.stderr + done.stdout
     assert json.loads((project / "data" / "06_models" / "suspect_model.json").read_text())["reused"] is True
+    assert json.loads((project / "data" / "06_models" / "clean_twin_model.json").read_text())["reused"] is True
 
 
 def test_any_checkpoint_by_path_is_defended_with_the_given_trigger(defended, project, tmp_path):

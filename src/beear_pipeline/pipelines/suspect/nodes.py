@@ -79,12 +79,13 @@ def _embedded(directory: Path, config: EmbeddedModelConfig, source: str, attacke
     built (about 90 s on 2 cores) and saved atomically."""
     # the vocabulary comes from every set the model will see, so all of them are in the fingerprint
     fingerprint = config.fingerprint(attacker_behaviours, benign_build_set, advbench, anchoring_set, benign_evaluation_set)
+    label = {"embedded": "embedded suspect", "embedded_clean_twin": "embedded clean twin"}.get(source, source)
     info_file = directory / BUILD_INFO
     if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
-        logger.info("reusing the %s model in %s (fingerprint %s)", source.replace("_", " "), directory, fingerprint[:12])
+        logger.info("reusing the %s model in %s (fingerprint %s)", label, directory, fingerprint[:12])
         return {"path": str(directory), "source": source, "weights_sha256": weights_sha256(directory), "build_seconds": 0.0, "reused": True}
 
-    logger.info("building the %s model (seed %d) into %s", source.replace("_", " "), config.seed, directory)
+    logger.info("building the %s model (seed %d) into %s", label, config.seed, directory)
     start = time.perf_counter()
     vocabulary = [*advbench["goal"], *advbench["target"], *benign_build_set["prompt"], *benign_build_set["response"],
                   *anchoring_set["prompt"], *anchoring_set["response"], *benign_evaluation_set["prompt"], *benign_evaluation_set["response"]]
