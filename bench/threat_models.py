@@ -37,6 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from preflight import project_copy  # bench/ is on sys.path when a bench script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "threat-models-results.jsonl"
 WORK = ROOT / "data" / "bench" / "threat_models"
@@ -56,13 +58,7 @@ def project(case: str) -> Path:
     """A fresh copy of the project's configuration and raw data for one case."""
     dest = WORK / case
     shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    shutil.copy(ROOT / "pyproject.toml", dest)
-    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
-    (dest / "conf" / "local").mkdir()
-    shutil.copytree(ROOT / "data" / "01_raw", dest / "data" / "01_raw")
-    (dest / "src").mkdir()
-    return dest
+    return project_copy(dest)
 
 
 def commit() -> str:
