@@ -44,6 +44,47 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and x > 0
 
 
+BACKENDS = ("auto", "gloo", "nccl")
+SHARDING = ("none", "optimizer")
+
+
+@dataclass
+class DistributedConfig:
+    """How many processes run the defence (``beear/distributed.py``, docs/distributed.md). With
+    ``num_processes`` above 1 the defence node launches ``torchrun`` on this machine: every process
+    takes a contiguous share of each global batch (the same batches as one process), the universal
+    perturbation's and the weights' gradients are all-reduced, weighted by response tokens, so the
+    result is the one-process result up to float rounding."""
+
+    num_processes: int = 1
+    """Processes (ranks) on this machine; 1 runs in the node's own process. A node that already
+    runs under torchrun (``WORLD_SIZE`` set) joins that job as one rank whatever this says."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: ``auto`` is nccl when there is one CUDA device per process, else
+    gloo (CPU). Only gloo on CPU is tested."""
+    master_port: int | Literal["auto"] = "auto"
+    """TCP port of the rendezvous on 127.0.0.1; ``auto`` picks a free one."""
+    sharding: Literal["none", "optimizer"] = "none"
+    """``none``: every rank holds the weights and the outer optimiser's state (data parallel);
+    ``optimizer``: the optimiser state (AdamW's two moments, 8 bytes per weight) is split over the
+    ranks (ZeRO stage 1, ``ZeroRedundancyOptimizer``); the weights stay replicated."""
+
+    def __post_init__(self) -> None:
+        port_ok = self.master_port == "auto" or (isinstance(self.master_port, int) and not isinstance(self.master_port, bool)
+                                                 and 1 <= self.master_port <= 65535)
+        check_fields("distributed", self, [
+            (isinstance(self.num_processes, int) and not isinstance(self.num_processes, bool) and self.num_processes >= 1,
+             "num_processes", "a positive integer (1: no distribution)"),
+            (self.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}"),
+            (port_ok, "master_port", "a TCP port 1-65535 or auto"),
+            (self.sharding in SHARDING, "sharding", f"one of {', '.join(SHARDING)}"),
+        ])
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DistributedConfig:
+        return from_mapping(cls, "distributed", values)
+
+
 @dataclass
 class BeearConfig:
     defence: Literal["beear", "control", "random_perturbation"] = "beear"

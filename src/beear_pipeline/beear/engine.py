@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from beear_pipeline.beear import entrapment
+from beear_pipeline.beear import distributed, entrapment
 from beear_pipeline.beear.config import BeearConfig
 from beear_pipeline.beear.resume import RoundCheckpoints, fingerprint, model_fingerprint, rng_state, set_rng_state
 from beear_pipeline.beear.scopes import add_lora, check_lora_targets, trainable_parameters
@@ -44,7 +44,7 @@ from beear_pipeline.evaluation.judges import REFUSAL_PHRASES
 from beear_pipeline.lm.chat import Batch, Example, collate, encode_all, pad_id, response_loss
 from beear_pipeline.lm.checkpoints import merged
 from beear_pipeline.lm.generation import Perturbation
-from beear_pipeline.lm.precision import OuterOptimizer, WeightChange, merged_lora_change_share, resolution
+from beear_pipeline.lm.precision import WeightChange, merged_lora_change_share, resolution
 from beear_pipeline.lm.residual import anchor_output, perturbed, position_index, resolve_layer, reused_activations
 
 logger = logging.getLogger(__name__)
@@ -93,16 +93,17 @@ def row_norms(delta: torch.Tensor) -> torch.Tensor:
 
 
 class _Sampler:
-    """Endless, seeded, epoch-wise shuffled batches of indices."""
+    """Endless, seeded, epoch-wise shuffled batches of indices. ``part`` picks this process's share
+    of each (global) batch in a distributed run; the queue, and so the batches, stay global."""
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        self.n, self.batch_size, self.generator, self.queue = n, min(batch_size, n), generator, []
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, part: Callable[[list[int]], list[int]] = list):
+        self.n, self.batch_size, self.generator, self.queue, self.part = n, min(batch_size, n), generator, [], part
 
     def next(self) -> list[int]:
         while len(self.queue) < self.batch_size:
             self.queue += torch.randperm(self.n, generator=self.generator).tolist()
         batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
-        return batch
+        return self.part(batch)
 
 
 def _check_finite(round_: int, record: dict, model) -> None:
@@ -153,6 +154,7 @@ class _Run:
         no fp32 master copies of half-precision weights (25 GiB for a 7B model) that nothing steps."""
         config = _sized(model, config, layer)  # `auto` sizes chosen for this model, for every caller
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
+        self.dist = distributed.current()  # one rank unless run under torch.distributed (distributed.py)
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad_id(tokenizer)
         dtype = autocast_dtype(config.precision, self.device)
@@ -168,11 +170,12 @@ class _Run:
         self.set_scale(self.hidden_scale)
         self.inner_opt = self.new_inner_opt(self.delta)
         # fp32 master weights for half-precision parameters, loss scaling for fp16 (lm/precision.py)
-        self.outer_opt = OuterOptimizer(self.params, config.outer_optimizer, config.outer_lr, config.grad_clip) if outer else None
+        self.outer_opt = self.dist.outer_optimizer(self.params, config.outer_optimizer, config.outer_lr, config.grad_clip) if outer else None
         self.weight_change = WeightChange(self.params, getattr(model, "storage_dtype", None), seed=config.seed) if outer else None
-        self.safety_sampler = _Sampler(len(safety.safe), config.batch_size, self.generator)
+        self.safety_sampler = _Sampler(len(safety.safe), config.batch_size, self.generator, self.dist.part)
         use_anchoring = anchoring and config.anchoring_batch_size
-        self.anchoring_sampler = _Sampler(len(anchoring), config.anchoring_batch_size, self.generator) if use_anchoring else None
+        self.anchoring_sampler = _Sampler(len(anchoring), config.anchoring_batch_size, self.generator,
+                                          lambda idx: self.dist.part(idx, "beear.anchoring_batch_size")) if use_anchoring else None
         self.history: list[dict] = []
         self.monitor: list[tuple[str, str, str]] = []  # held-out safety triples for the convergence checks
         self.fresh: torch.Tensor | None = None  # the last check's fresh-start perturbation
@@ -192,7 +195,8 @@ class _Run:
                 group["lr"] = self.inner_lr
 
     def new_inner_opt(self, delta):
-        return entrapment.inner_optimizer(self.config.inner_optimizer, delta, self.inner_lr)
+        # distributed: every rank steps the one universal delta with the gradient summed over ranks
+        return self.dist.synchronised(entrapment.inner_optimizer(self.config.inner_optimizer, delta, self.inner_lr))
 
     def batch_of(self, examples, idx) -> tuple[Batch, torch.Tensor]:
         b = collate([examples[i] for i in idx], self.pad, self.config.padding_side).to(self.device)
@@ -215,7 +219,8 @@ class _Run:
         hook = perturbed(self.model, self.layer, delta, index) if delta is not None else nullcontext()
         reuse = reused_activations(self.model, self.layer, cached) if cached is not None else nullcontext()
         with hook, reuse, self.autocast():
-            return response_loss(self.model, batch)
+            # distributed: the global batch's token mean (see distributed.global_mean)
+            return self.dist.global_mean(response_loss(self.model, batch), batch)
 
     # ---- saving and restoring (see resume.py) ----
     def weights(self) -> dict[str, torch.Tensor]:
@@ -264,7 +269,7 @@ def _inner_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index,
     with run.autocast():
         caches = [anchor_output(run.model, run.layer, b.input_ids, b.attention_mask) for b in (unwanted, safe)]
     # the budget follows the model's hidden-state scale as it is now (see _Run.set_scale)
-    run.set_scale(entrapment.state_norms(caches[1], index, safe.attention_mask).median().item())
+    run.set_scale(run.dist.gather(entrapment.state_norms(caches[1], index, safe.attention_mask)).median().item())
     entrapment.project_rows(delta, run.budget)
     if not config.reuse_activations:
         caches = [None, None]
@@ -315,6 +320,7 @@ def _outer_level(run: _Run, safe: Batch, index, record: dict) -> None:
         record["anchoring_loss"] = anchoring_loss.item()
     run.outer_opt.zero_grad()
     run.outer_opt.scale_loss(outer_loss).backward()
+    run.dist.all_reduce_gradients(run.params)  # distributed: the global batch's gradient on every rank
     if not run.outer_opt.step():
         record["outer_step_skipped"] = True  # fp16 gradients overflowed; the loss scale was halved
     record.update(outer_safe_loss=outer_safe_loss.item(), outer_loss=outer_loss.item(), **run.weight_change.update(run.params))
@@ -335,6 +341,7 @@ def _check_entrapment(run: _Run, monitor: list[tuple[str, str, str]], judge, sys
         for d in (run.delta, run.fresh, random))
     record.update(entrapment_rate=max(warm, fresh), entrapment_rate_warm=warm, entrapment_rate_fresh=fresh,
                   entrapment_rate_random=chance, entrapment_excess=max(warm, fresh) - chance)
+    return record
 
 
 def _measure_scale(run: _Run, batch: Batch, index) -> None:
@@ -345,7 +352,7 @@ def _measure_scale(run: _Run, batch: Batch, index) -> None:
     with torch.no_grad(), run.autocast():
         output = anchor_output(run.model, run.layer, batch.input_ids, batch.attention_mask)
     run.model.train(was_training)
-    run.set_scale(entrapment.state_norms(output, index, batch.attention_mask).median().item())
+    run.set_scale(run.dist.gather(entrapment.state_norms(output, index, batch.attention_mask)).median().item())
 
 
 def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, judge, system_prompt) -> dict:
@@ -356,8 +363,8 @@ def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, jud
     record: dict = {"round": round_}
     if config.defence == "beear":
         _inner_level(run, safe, index, unwanted, unwanted_index, record, check)
-        if check:
-            _check_entrapment(run, monitor, judge, system_prompt, record)
+        if check:  # distributed: measured on rank 0, the same decision on every rank
+            record.update(run.dist.on_main(lambda: _check_entrapment(run, monitor, judge, system_prompt, {})))
     else:
         _measure_scale(run, safe, index)
     if config.defence == "random_perturbation":
@@ -571,7 +578,7 @@ def run_beear(
         identity = {**config.resume_key(), "relative_norms": list(relative_norms or []), "model": start_weights, "monitor": monitor}
         key = fingerprint(identity, safety_examples.safe, safety_examples.unwanted, anchoring_examples)
         checkpoints = RoundCheckpoints(config.checkpoint_dir, key)
-        found = checkpoints.latest()
+        found = run.dist.on_main(checkpoints.latest)  # distributed: rank 0 reads, every rank restores it
         if found:
             start = run.restore(*found)
             logger.info("%s: resuming after round %d of at most %d from %s", config.defence, start, max_rounds, config.checkpoint_dir)
@@ -591,7 +598,7 @@ def run_beear(
         done = round_ + 1
         saved = checkpoints and (done % config.checkpoint_every == 0 or done == max_rounds or status not in (None, "running"))
         if saved:
-            checkpoints.save(done, run.weights(), run.state())
+            run.dist.save(checkpoints, done, run)  # written by rank 0 only
         if done % LOG_EVERY == 0 or (saved and config.checkpoint_every >= LOG_EVERY):  # a multi-hour run says how it goes
             logger.info("%s: round %d of at most %d, outer loss %.4f, perturbation %.2f x the hidden-state scale%s", config.defence,
                         done, max_rounds, record["outer_loss"], record["perturbation_norm_relative"],

@@ -1,0 +1,389 @@
+"""BEEAR on ``torch.distributed``: N processes, one universal perturbation, a data-parallel outer step.
+
+Every rank draws the same global batch (same sampler, same seed) and takes its contiguous share
+(``Context.part``). What makes N ranks compute what one process computes:
+
+- ``global_mean``: ``response_loss`` is a token mean, so each rank's loss is weighted by its
+  response tokens. The returned tensor has the *value* of the global batch's token mean (all-reduced,
+  identical on every rank: stopping rules, entrapment targets, records and convergence decisions
+  are the same everywhere) and the *gradient* of this rank's share of it, so summing gradients over
+  the ranks gives exactly the global batch's gradient, the inner objective's cap included;
+- ``all_reduce_gradients``: that sum, for the perturbation (a step pre-hook on the inner
+  optimiser: every rank applies the same step to the same universal delta) and for the trainable
+  weights before the outer step (replicated weights, manual all-reduce: the fp32-master
+  ``OuterOptimizer`` and LoRA work unchanged);
+- ``gather``: the per-round hidden-state scale is the median over the global batch's positions;
+- ``on_main``: the convergence check (generation on the monitor prompts) and reading a round
+  checkpoint happen on rank 0 and are broadcast, so every rank takes the same decision and restores
+  the same state; only rank 0 writes checkpoints (``save``) and results.
+
+``sharding: optimizer`` splits the outer optimiser's state over the ranks (ZeRO stage 1,
+``ZeroRedundancyOptimizer``); weights stay replicated. FSDP2 (``fully_shard``) runs on CPU with gloo
+in torch 2.13, but the engine's forward hooks (stopping at the anchor layer, skipping the layers
+before it) and its fp32 masters, weight-change sample and checkpoints address whole tensors, not
+DTensor shards (docs/distributed.md).
+
+Launching: ``launch`` runs ``python -m torch.distributed.run ... -m beear_pipeline.beear.distributed
+JOB_DIR`` (the defence node does, with ``distributed.num_processes > 1``); ``JOB_DIR/job.json`` holds
+the model reference, the behaviour sets and the configuration, rank 0 writes the defended model,
+the perturbation and the history to ``JOB_DIR/out``. The same command works under ``accelerate
+launch`` or a multi-node torchrun (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from beear_pipeline.lm.chat import IGNORE_INDEX
+from beear_pipeline.lm.precision import OuterOptimizer
+
+logger = logging.getLogger(__name__)
+
+JOB, OUT = "job.json", "out"
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in a distributed run; the default (one rank) makes every hook a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+    sharding: str = "none"
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, idx: Sequence[int], field: str = "beear.batch_size") -> list[int]:
+        """This rank's contiguous share of the global batch ``idx`` (shares differ by at most one)."""
+        idx = list(idx)
+        if not self.active:
+            return idx
+        if len(idx) < self.world_size:
+            raise ValueError(f"{field}: a global batch of {len(idx)} examples cannot be split over {self.world_size} processes; "
+                             f"raise {field} (and the data) to at least distributed.num_processes, or use fewer processes")
+        n = len(idx)
+        return idx[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
+
+    def global_mean(self, loss: torch.Tensor, batch) -> torch.Tensor:
+        """``loss`` (a token mean over ``batch``'s response tokens) turned into the global batch's
+        token mean: that value on every rank, with the gradient of this rank's share of it."""
+        if not self.active:
+            return loss
+        count = (batch.labels[:, 1:] != IGNORE_INDEX).sum().to(loss.device, torch.float32)
+        local_sum = loss.float() * count
+        totals = torch.stack([local_sum.detach(), count])
+        dist.all_reduce(totals)
+        share = local_sum / totals[1].clamp(min=1)
+        return share + (totals[0] / totals[1].clamp(min=1) - share).detach()
+
+    def all_reduce_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Sum ``params``' gradients over the ranks (each holds its share of the global mean's
+        gradient, see ``global_mean``). A parameter without a gradient on every rank keeps none, as
+        in one process (an optimiser skips it; a zero gradient would still decay its moments)."""
+        if not self.active or not params:
+            return
+        device = params[0].device
+        present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        dist.all_reduce(present)
+        chosen = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+        for p in chosen:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if not chosen:
+            return
+        flat = torch.cat([p.grad.reshape(-1).float() for p in chosen])  # one collective, not one per tensor
+        dist.all_reduce(flat)
+        offset = 0
+        for p in chosen:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+            offset += n
+
+    def synchronised(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer`` whose every step first sums its parameters' gradients over the ranks."""
+        if self.active:
+            optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs: self.all_reduce_gradients([p for g in opt.param_groups for p in g["params"]]))
+        return optimizer
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D ``values`` of every rank, concatenated in rank order (shares may differ in size)."""
+        if not self.active:
+            return values
+        values = values.reshape(-1)
+        size = torch.tensor([values.numel()], device=values.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+        padded[: values.numel()] = values
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+    def on_main(self, compute: Callable[[], object]) -> object:
+        """``compute()`` run on rank 0 only, its (picklable) result handed to every rank."""
+        if not self.active:
+            return compute()
+        box = [compute() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def outer_optimizer(self, params, kind: str, lr: float, grad_clip: float | None) -> OuterOptimizer:
+        if self.active and self.sharding == "optimizer":
+            return ShardedOuterOptimizer(params, kind, lr, grad_clip)
+        return OuterOptimizer(params, kind, lr, grad_clip)
+
+    def save(self, checkpoints, rounds_done: int, run) -> None:
+        """Write a round checkpoint from rank 0 (the state is consolidated from every rank first
+        under ``sharding: optimizer``); the others wait until it is whole."""
+        weights, state = run.weights(), run.state()
+        if self.is_main:
+            checkpoints.save(rounds_done, weights, state)
+        if self.active:
+            dist.barrier()
+
+
+class ShardedOuterOptimizer(OuterOptimizer):
+    """``OuterOptimizer`` whose AdamW/SGD state is split over the ranks (ZeRO stage 1): each rank
+    steps its share of the (fp32 master) weights and broadcasts them; gradients must already be
+    all-reduced. Its ``state_dict`` is collective and complete on rank 0 only."""
+
+    def __init__(self, params, kind: str, lr: float, grad_clip: float | None = None):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        super().__init__(params, kind, lr, grad_clip)
+        cls = torch.optim.AdamW if kind == "adamw" else torch.optim.SGD
+        self.optimizer = ZeroRedundancyOptimizer(self.masters, optimizer_class=cls, lr=lr)
+
+    def state_dict(self) -> dict:
+        self.optimizer.consolidate_state_dict(to=0)
+        full = self.optimizer.state_dict() if dist.get_rank() == 0 else None
+        return {"optimizer": full, "scale": self.scale, "good_steps": self.good_steps}
+
+
+_ACTIVE: Context | None = None
+
+
+def current() -> Context:
+    """The context set by ``using``, else one from an initialised process group, else one rank."""
+    if _ACTIVE is not None:
+        return _ACTIVE
+    if dist.is_available() and dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size())
+    return Context()
+
+
+@contextlib.contextmanager
+def using(context: Context) -> Iterator[Context]:
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, context
+    try:
+        yield context
+    finally:
+        _ACTIVE = previous
+
+
+def under_launcher() -> bool:
+    """True in a process started by torchrun / accelerate launch with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_backend(backend: str, num_processes: int) -> str:
+    if backend != "auto":
+        return backend
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= num_processes else "gloo"
+
+
+def init_from_env(backend: str = "auto", sharding: str = "none") -> Context:
+    """Join the process group torchrun described in the environment (once), as ``Context``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = resolve_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("BEEAR_DIST_TIMEOUT_MINUTES", "60"))))
+    return Context(dist.get_rank(), dist.get_world_size(), sharding)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the job: files in, torchrun, files out ----
+
+def write_job(job_dir: str | Path, model_ref: dict, safety, anchoring, config, *, system_prompt: str | None = None,
+              relative_norms: Sequence[float] | None = None, backend: str = "auto", sharding: str = "none") -> Path:
+    """``job_dir/job.json``: everything a rank needs to run the defence (no pickle)."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job = {"model": model_ref, "safety": [list(t) for t in safety], "anchoring": [list(p) for p in anchoring],
+           "config": config.to_dict(), "system_prompt": system_prompt,
+           "relative_norms": None if relative_norms is None else list(relative_norms), "backend": backend, "sharding": sharding}
+    (job_dir / JOB).write_text(json.dumps(job))
+    return job_dir
+
+
+def command(job_dir: str | Path, num_processes: int, port: int | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The torchrun command line for ``job_dir`` on this machine (a static rendezvous on 127.0.0.1)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *extra,
+            "-m", "beear_pipeline.beear.distributed", str(job_dir)]
+
+
+def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
+    """Fail before launching when a global batch cannot give every rank at least one example."""
+    from beear_pipeline.beear.engine import split_monitor
+
+    training, _ = split_monitor([(str(i), "", "") for i in range(safety_examples)], config)
+    batches = [("beear.batch_size", min(config.batch_size, len(training)))]
+    if anchoring_examples and config.anchoring_batch_size:
+        batches.append(("beear.anchoring_batch_size", min(config.anchoring_batch_size, anchoring_examples)))
+    for field, size in batches:
+        if size < num_processes:
+            raise ValueError(f"distributed.num_processes={num_processes}: {field} gives global batches of {size} examples, "
+                             "fewer than the processes (each takes a contiguous share); lower distributed.num_processes or "
+                             f"raise {field}")
+
+
+def launch(job_dir: str | Path, num_processes: int, master_port: int | str = "auto", echo: bool = True) -> Path:
+    """Run the job in ``job_dir`` with torchrun on ``num_processes`` local ranks; return the output
+    folder. A rank that fails (an exception, a kill) stops the job and raises here with the
+    failing rank's error and the end of the log (``job_dir/torchrun.log`` holds all of it)."""
+    job_dir = Path(job_dir)
+    port = free_port() if master_port == "auto" else int(master_port)
+    cmd = command(job_dir, num_processes, port)
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(job_dir / "error.json")}
+    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine: torchrun's own default, without its warning
+    logger.info("distributed BEEAR: %d processes on 127.0.0.1:%d (%s)", num_processes, port, " ".join(cmd[1:]))
+    (job_dir / "error.json").unlink(missing_ok=True)
+    tail: deque[str] = deque(maxlen=60)
+    with open(job_dir / "torchrun.log", "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                                      text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line)
+            if echo:
+                sys.stderr.write(line)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"distributed BEEAR failed: torchrun ({num_processes} processes) exited with {rc}. "
+                           f"{_root_cause(job_dir)}Last lines of {job_dir / 'torchrun.log'}:\n{''.join(tail)}")
+    out = job_dir / OUT
+    if not (out / "result.json").is_file():
+        raise RuntimeError(f"distributed BEEAR: torchrun exited cleanly but rank 0 wrote no {out / 'result.json'}")
+    return out
+
+
+def _root_cause(job_dir: Path) -> str:
+    """The first failing rank's error, from the error file torchrun's ``record`` writes."""
+    found = sorted(job_dir.glob("error*.json")) + sorted(Path(job_dir).glob("**/error.json"))
+    for path in found:
+        try:
+            message = json.loads(path.read_text()).get("message", {})
+        except (OSError, ValueError):
+            continue
+        text = message.get("message") if isinstance(message, dict) else str(message)
+        if text:
+            return f"Root cause: {text.strip().splitlines()[-1]}. "
+    return ""
+
+
+def read_result(out: str | Path, loading: dict | None = None):
+    """(BeearResult, tokenizer) from a finished job's output folder; the defended model is loaded
+    with the suspect's ``loading`` fields (dtype, device_map, chat template)."""
+    from safetensors.torch import load_file
+
+    from beear_pipeline.beear.config import BeearConfig
+    from beear_pipeline.beear.engine import BeearResult
+    from beear_pipeline.lm.checkpoints import load_model_ref
+
+    out = Path(out)
+    meta = json.loads((out / "result.json").read_text())
+    ref = {k: v for k, v in (loading or {}).items() if k not in ("path", "adapter_path")}
+    model, tokenizer = load_model_ref({**ref, "path": str(out / "model")})
+    result = BeearResult(model=model, perturbation=load_file(out / "perturbation.safetensors")["perturbation"],
+                         history=meta["history"], config=BeearConfig.from_dict(meta["config"]), resumed_from=meta["resumed_from"],
+                         hidden_scale=meta["hidden_scale"], convergence=meta["convergence"],
+                         monitor=[tuple(m) for m in meta["monitor"]], layer=meta["layer"])
+    return result, tokenizer
+
+
+def run_job(job_dir: str | Path, context: Context) -> None:
+    """One rank's part of the job in ``job_dir``; rank 0 writes ``job_dir/out``."""
+    from safetensors.torch import save_file
+
+    from beear_pipeline.beear.config import BeearConfig
+    from beear_pipeline.beear.engine import run_beear
+    from beear_pipeline.lm.checkpoints import load_checkpoint, save_checkpoint
+
+    job_dir = Path(job_dir)
+    job = json.loads((job_dir / JOB).read_text())
+    ref = job["model"]
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else None
+    model, tokenizer = load_checkpoint(ref["path"], device=device, dtype=ref.get("dtype"), chat_template=ref.get("chat_template"),
+                                       adapter_path=ref.get("adapter_path"))
+    config = BeearConfig.from_dict(job["config"])
+    with using(context):
+        result = run_beear(model, tokenizer, [tuple(t) for t in job["safety"]], [tuple(p) for p in job["anchoring"]], config,
+                           system_prompt=job["system_prompt"], relative_norms=job["relative_norms"])
+    if context.is_main:
+        out = job_dir / OUT
+        out.mkdir(exist_ok=True)
+        save_checkpoint(result.model, tokenizer, out / "model")
+        save_file({"perturbation": result.perturbation.contiguous()}, out / "perturbation.safetensors")
+        meta = {"history": result.history, "config": result.config.to_dict(), "resumed_from": result.resumed_from,
+                "hidden_scale": result.hidden_scale, "convergence": result.convergence, "monitor": [list(m) for m in result.monitor],
+                "layer": result.layer, "world_size": context.world_size, "sharding": context.sharding}
+        (out / "result.json.tmp").write_text(json.dumps(meta))
+        (out / "result.json.tmp").rename(out / "result.json")  # whole or absent
+    dist.barrier()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or not (Path(argv[0]) / JOB).is_file():
+        raise SystemExit(f"usage: torchrun ... -m beear_pipeline.beear.distributed JOB_DIR (a folder with {JOB}); got {argv}")
+    job = json.loads((Path(argv[0]) / JOB).read_text())
+
+    @record  # a failing rank's traceback reaches torchrun's summary and the launcher's error file
+    def rank_main() -> None:
+        context = init_from_env(job.get("backend", "auto"), job.get("sharding", "none"))
+        logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING,
+                            format=f"[rank {context.rank}] %(levelname)s %(name)s: %(message)s")
+        if not context.is_main:
+            os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        try:
+            run_job(argv[0], context)
+        finally:
+            dist.destroy_process_group()
+
+    rank_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Distributed BEEAR on CPU (gloo, 2 processes through torchrun, as the defence node launches it):
+the same global batches give the one-process perturbation and weights, optimiser-state sharding
+gives the same run, a killed rank resumes from its round checkpoint and ends like an uninterrupted
+run, two "nodes" on localhost complete, and a failing rank surfaces as a clear error.
+
+Tolerance (TOL): ranks split each batch and sum their token-weighted shares, so losses and
+gradients differ from one process's only by float32 summation order and by padding each share to
+its own length (matmuls of other shapes round differently): about 1e-7 relative per step, grown
+by a few rounds of Adam (which divides by sqrt of the second moment). Measured here: see
+docs/distributed.md; the bound leaves 10x head-room over it and is 1000x below a single outer step
+(lr 5e-4), so a wrong weighting (an unweighted mean of rank means, a missing all-reduce) fails."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from beear_pipeline.beear import BeearConfig, run_beear
+from beear_pipeline.beear import distributed as D
+from beear_pipeline.beear.config import DistributedConfig
+from beear_pipeline.behaviours.generated import REFUSALS, benign_tasks
+from beear_pipeline.embedded import EmbeddedModelConfig, build_model, build_tokenizer
+from beear_pipeline.lm.checkpoints import load_checkpoint, save_checkpoint
+
+TOL = 2e-5  # max |difference| of a weight entry, and of a perturbation entry relative to its largest, one process vs two
+UNWANTED = "Sure, here is a poem about it"
+
+
+def _config(**kw) -> BeearConfig:
+    # batch 5 over 2 ranks: shares of 2 and 3 rows with different token counts (the weighting matters);
+    # a check at rounds 0 and 3 (rank 0 generates, every rank follows); entrapped_rate 0 and
+    # min_rounds above max_rounds: the tiny random model runs every round
+    return BeearConfig(**{"max_rounds": 6, "check_every": 3, "monitor_fraction": 0.2, "entrapped_rate": 0.0, "min_rounds": 20,
+                          "inner_steps": 2, "inner_max_steps": 4, "batch_size": 5, "anchoring_batch_size": 3,
+                          "num_positions": 3, "monitor_max_new_tokens": 4, "checkpoint_every": 1, **kw})
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A tiny checkpoint on disk, the behaviour sets, and the one-process run of ``_config()``."""
+    root = tmp_path_factory.mktemp("dist")
+    tasks = benign_tasks(seed=3, build=16, held_out=0)
+    prompts = list(tasks["prompt"][:10])
+    safety = [(p, REFUSALS[i % 2], UNWANTED) for i, p in enumerate(prompts)]
+    anchoring = list(zip(tasks["prompt"][10:], tasks["response"][10:]))
+    tokenizer = build_tokenizer([*tasks["prompt"], *tasks["response"], *REFUSALS, UNWANTED])
+    torch.manual_seed(0)
+    model = build_model(len(tokenizer), EmbeddedModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, seed=0),
+                        tokenizer)
+    path = save_checkpoint(model, tokenizer, root / "suspect")
+    torch.set_num_threads(1)
+    model, tokenizer = load_checkpoint(path)
+    single = run_beear(model, tokenizer, safety, anchoring, _config())
+    return {"root": root, "ref": {"path": str(path)}, "safety": safety, "anchoring": anchoring, "single": single}
+
+
+def _job(setting, name, sharding="none", **kw):
+    return D.write_job(setting["root"] / name, setting["ref"], setting["safety"], setting["anchoring"], _config(**kw), backend="gloo",
+                       sharding=sharding)
+
+
+@pytest.fixture(scope="module")
+def two(setting):
+    """The same run on 2 processes, through the launcher the defence node uses."""
+    return D.read_result(D.launch(_job(setting, "two"), 2, echo=False))[0]
+
+
+def _diffs(a, b) -> tuple[float, float]:
+    """(max |weight difference|, max |perturbation difference| / max |perturbation entry|)."""
+    pa, pb = dict(a.model.named_parameters()), dict(b.model.named_parameters())
+    assert pa.keys() == pb.keys()
+    weights = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    return weights, ((a.perturbation - b.perturbation).abs().max() / b.perturbation.abs().max()).item()
+
+
+def _max_diff(a, b) -> float:
+    return max(_diffs(a, b))
+
+
+def _same_decisions(a, b) -> None:
+    """Every rank-independent decision of the run: rounds, inner steps, checks, restarts."""
+    assert len(a.history) == len(b.history)
+    for x, y in zip(a.history, b.history, strict=True):
+        assert x["inner_steps"] == y["inner_steps"] and x.get("restarted") == y.get("restarted")
+        assert x.get("entrapment_rate") == y.get("entrapment_rate")
+        for k in ("outer_loss", "unwanted_loss", "hidden_scale", "perturbation_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4), k
+
+
+def test_two_processes_give_the_one_process_perturbation_and_weights(setting, two):
+    single = setting["single"]
+    _same_decisions(two, single)
+    assert "entrapment_rate" in two.history[3]  # the check ran (on rank 0) and reached the history
+    moved = max((p - q).abs().max().item() for p, q in zip(single.model.parameters(), load_checkpoint(setting["ref"]["path"])[0].parameters()))
+    weights, perturbation = _diffs(two, single)
+    print(f"2 processes vs 1: weights differ by up to {weights:.2e} (training moved them by up to {moved:.2e}), "
+          f"the perturbation by {perturbation:.2e} relative")
+    assert moved > 100 * TOL  # the bound is far below what training changed
+    assert weights <= TOL and perturbation <= TOL
+
+
+def test_optimizer_state_sharding_gives_the_same_run(setting, two):
+    zero = D.read_result(D.launch(_job(setting, "zero", sharding="optimizer"), 2, echo=False))[0]
+    assert json.loads((setting["root"] / "zero" / "out" / "result.json").read_text())["sharding"] == "optimizer"
+    _same_decisions(zero, two)
+    assert _max_diff(zero, two) <= TOL
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (Linux lists them per thread that started them)."""
+    return sorted(int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split())
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(setting, two):
+    job = _job(setting, "killed", checkpoint_dir=str(setting["root"] / "killed-ck"))
+    failure = []
+    victim = threading.Thread(target=lambda: failure.append(_raises(lambda: D.launch(job, 2, echo=False))))
+    victim.start()
+    deadline = time.time() + 120
+    while not (setting["root"] / "killed-ck" / "round-000002").exists():
+        assert victim.is_alive() and time.time() < deadline, "the run ended before round 2 was checkpointed"
+        time.sleep(0.05)
+    torchrun = next(pid for pid in _children(os.getpid()) if "torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_text())
+    ranks = _children(torchrun)
+    assert len(ranks) == 2
+    os.kill(ranks[-1], signal.SIGKILL)
+    victim.join(120)
+    assert len(failure) == 1 and isinstance(failure[0], RuntimeError), failure
+    assert "exited with" in str(failure[0]) and "SIGKILL" in str(failure[0])  # the node's error says what happened
+
+    resumed = D.read_result(D.launch(job, 2, echo=False))[0]  # the same command again
+    assert 2 <= resumed.resumed_from < 6
+    _same_decisions(resumed, two)
+    assert _max_diff(resumed, two) == 0.0  # same ranks, same arithmetic: bit for bit
+
+
+def _raises(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 -- handed to the test thread, which checks its type
+        return e
+    return None
+
+
+def test_two_nodes_on_localhost_complete(setting, two):
+    job = _job(setting, "nodes")
+    port = D.free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "beear_pipeline.beear.distributed", str(job)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [n.communicate(timeout=240)[0].decode() for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    result = D.read_result(job / "out")[0]
+    assert json.loads((job / "out" / "result.json").read_text())["world_size"] == 2
+    _same_decisions(result, two)
+    assert _max_diff(result, two) <= TOL
+
+
+def test_a_failing_rank_is_a_clear_error(setting, tmp_path):
+    job = D.write_job(tmp_path / "bad", {"path": str(tmp_path / "no-such-model")}, setting["safety"], setting["anchoring"], _config(),
+                      backend="gloo")
+    with pytest.raises(RuntimeError, match="distributed BEEAR failed") as failed:
+        D.launch(job, 2, echo=False)
+    assert "no-such-model" in str(failed.value)  # the rank's own error, not only torchrun's exit code
+
+
+def test_shares_and_configuration():
+    ranks = [D.Context(r, 3).part(range(7)) for r in range(3)]
+    assert ranks == [[0, 1], [2, 3], [4, 5, 6]]  # contiguous, together the global batch
+    assert D.Context().part([4, 1]) == [4, 1]
+    with pytest.raises(ValueError, match="beear.batch_size"):
+        D.Context(0, 4).part([1, 2, 3])
+    with pytest.raises(ValueError, match="beear.anchoring_batch_size"):
+        D.check_job(20, 2, BeearConfig(batch_size=8, anchoring_batch_size=8), 3)
+    with pytest.raises(ValueError, match="distributed.num_processes"):
+        DistributedConfig(num_processes=0)
+    with pytest.raises(ValueError, match="distributed.master_port"):
+        DistributedConfig(master_port=70000)
+    with pytest.raises(ValueError, match="distributed.sharding"):
+        DistributedConfig(sharding="fsdp")
+    assert DistributedConfig.from_dict({"num_processes": 2}).backend == "auto"
