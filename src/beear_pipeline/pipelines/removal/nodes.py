@@ -1,18 +1,27 @@
 """Thin adapters from the pipeline to the BEEAR engine: BEEAR itself and its two baselines, the
 ``control`` (the same safety fine-tuning with the perturbation fixed at zero) and
 ``random_perturbation`` (a fresh random direction each round at BEEAR's per-round norm). The
-baselines run as many rounds as BEEAR did."""
+baselines run as many rounds as BEEAR did.
+
+With ``distributed.num_processes > 1`` each defence runs as a torchrun job of that many processes
+(``beear/distributed.py``: files in, the defended model, perturbation and history out) and the
+node continues as usual with its result; a node that already runs under torchrun joins that job
+as one rank, and only rank 0 logs to MLflow."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from beear_pipeline.beear import BeearConfig, find_perturbation, run_beear
+from beear_pipeline.beear import distributed as dist
+from beear_pipeline.beear.config import DistributedConfig
 from beear_pipeline.integrations.tracking import log_metrics, log_params, set_tags
 from beear_pipeline.lm.checkpoints import load_model_ref
 
@@ -34,14 +43,37 @@ def _triples(safety_set: pd.DataFrame) -> list[tuple[str, str, str]]:
     return list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
 
 
-def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig, relative_norms=None):
+def _defend(suspect_model: dict, safety, anchoring, config: BeearConfig, relative_norms, system_prompt, distributed: DistributedConfig | None,
+            on_round):
+    """(BeearResult, tokenizer): in this process, as one rank of a torchrun job this process is
+    part of, or as a torchrun job of ``distributed.num_processes`` processes launched from here."""
+    distributed = distributed or DistributedConfig()
+    if distributed.num_processes > 1 and not dist.under_launcher():
+        dist.check_job(len(safety), len(anchoring), config, distributed.num_processes)  # before any process starts
+        folder = tempfile.mkdtemp(prefix=f"{config.defence}-distributed-")
+        job = dist.write_job(folder, suspect_model, safety, anchoring, config, system_prompt=system_prompt, relative_norms=relative_norms,
+                             backend=distributed.backend, sharding=distributed.sharding)
+        result, tokenizer = dist.read_result(dist.launch(job, distributed.num_processes, distributed.master_port), suspect_model)
+        shutil.rmtree(folder, ignore_errors=True)  # kept when the job failed: its log is named in the error
+        for record in result.history:
+            on_round(record["round"], record)
+        return result, tokenizer
+    context = dist.init_from_env(distributed.backend, distributed.sharding) if dist.under_launcher() else dist.Context()
     model, tokenizer = load_model_ref(suspect_model)
+    with dist.using(context):
+        result = run_beear(model, tokenizer, safety, anchoring, config, relative_norms=relative_norms, system_prompt=system_prompt,
+                           on_round=on_round if context.is_main else None)  # only rank 0 logs
+    return result, tokenizer
+
+
+def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig, relative_norms=None,
+         distributed: DistributedConfig | None = None):
     safety = _triples(safety_set)
     anchoring = list(zip(anchoring_set["prompt"], anchoring_set["response"], strict=True))
     system_prompt = suspect_model.get("system_prompt")
     start = time.perf_counter()
-    result = run_beear(model, tokenizer, safety, anchoring, config, relative_norms=relative_norms, system_prompt=system_prompt,
-                       on_round=lambda r, rec: log_metrics({f"{config.defence}.{k}": v for k, v in rec.items() if k != "round"}, step=r))
+    result, tokenizer = _defend(suspect_model, safety, anchoring, config, relative_norms, system_prompt, distributed,
+                                lambda r, rec: log_metrics({f"{config.defence}.{k}": v for k, v in rec.items() if k != "round"}, step=r))
     seconds = time.perf_counter() - start
     audit = _final_audit(result.model, tokenizer, safety, config, system_prompt)
     last = result.history[-1]
@@ -96,24 +128,27 @@ def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_h
 
 
 def defend_with_beear(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
-                      probe_report: dict | None = None):
+                      probe_report: dict | None = None, distributed: DistributedConfig | None = None):
     """BEEAR: returns the defended model, the final perturbation and the per-round history."""
-    model, perturbation, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "beear", probe_report))
+    model, perturbation, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "beear", probe_report),
+                                        distributed=distributed)
     return model, {"perturbation": perturbation}, history
 
 
 def defend_with_control(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
-                        probe_report: dict | None, beear_history: dict):
+                        probe_report: dict | None, beear_history: dict, distributed: DistributedConfig | None = None):
     """The control: the same data, rounds, batches and optimiser as BEEAR, perturbation fixed at zero."""
-    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "control", probe_report, beear_history))
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "control", probe_report, beear_history),
+                             distributed=distributed)
     return model, history
 
 
 def defend_with_random_perturbation(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame,
-                                    beear: BeearConfig, probe_report: dict | None, beear_history: dict):
+                                    beear: BeearConfig, probe_report: dict | None, beear_history: dict,
+                                    distributed: DistributedConfig | None = None):
     """Baseline: a random direction each round, matched to BEEAR's perturbation norm per round
     relative to each model's hidden-state scale (or ``beear.random_norm`` when set)."""
     config = _config(beear, "random_perturbation", probe_report, beear_history)
     relative = None if config.random_norm is not None else [r["perturbation_norm_relative"] for r in beear_history["rounds"]]
-    model, _, history = _run(suspect_model, safety_set, anchoring_set, config, relative_norms=relative)
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, config, relative_norms=relative, distributed=distributed)
     return model, history
