@@ -108,7 +108,9 @@ def test_two_processes_give_the_one_process_perturbation_and_weights(setting, tw
 
 def test_optimizer_state_sharding_gives_the_same_run(setting, two):
     zero = D.read_result(D.launch(_job(setting, "zero", sharding="optimizer"), 2, echo=False))[0]
-    assert json.loads((setting["root"] / "zero" / "out" / "result.json").read_text())["sharding"] == "optimizer"
+    assert "outer optimiser state sharded over 2 ranks (ZeRO-1)" in (setting["root"] / "zero" / "torchrun.log").read_text()
+    weights, perturbation = _diffs(zero, two)
+    print(f"optimiser-state sharding vs replicated: weights differ by up to {weights:.2e}, the perturbation by {perturbation:.2e}")
     _same_decisions(zero, two)
     assert _max_diff(zero, two) <= TOL
 
@@ -155,14 +157,16 @@ def test_two_nodes_on_localhost_complete(setting, two):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "-m", "beear_pipeline.beear.distributed", str(job)],
+                               "-m", D.WORKER, str(job)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
     outputs = [n.communicate(timeout=240)[0].decode() for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     result = D.read_result(job / "out")[0]
     assert json.loads((job / "out" / "result.json").read_text())["world_size"] == 2
     _same_decisions(result, two)
-    assert _max_diff(result, two) <= TOL
+    weights, perturbation = _diffs(result, two)
+    print(f"2 nodes vs 2 processes on one node: weights differ by up to {weights:.2e}, the perturbation by {perturbation:.2e}")
+    assert max(weights, perturbation) <= TOL
 
 
 def test_a_failing_rank_is_a_clear_error(setting, tmp_path):

@@ -23,7 +23,7 @@ in torch 2.13, but the engine's forward hooks (stopping at the anchor layer, ski
 before it) and its fp32 masters, weight-change sample and checkpoints address whole tensors, not
 DTensor shards (docs/distributed.md).
 
-Launching: ``launch`` runs ``python -m torch.distributed.run ... -m beear_pipeline.beear.distributed
+Launching: ``launch`` runs ``python -m torch.distributed.run ... -m beear_pipeline.beear.worker
 JOB_DIR`` (the defence node does, with ``distributed.num_processes > 1``); ``JOB_DIR/job.json`` holds
 the model reference, the behaviour sets and the configuration, rank 0 writes the defended model,
 the perturbation and the history to ``JOB_DIR/out``. The same command works under ``accelerate
@@ -54,6 +54,9 @@ from beear_pipeline.lm.precision import OuterOptimizer
 logger = logging.getLogger(__name__)
 
 JOB, OUT = "job.json", "out"
+WORKER = "beear_pipeline.beear.worker"
+"""The module each rank runs (not this one: ``python -m`` on a module the package already imported
+would run a second copy of it, whose ``using`` the engine would not see)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,9 @@ class ShardedOuterOptimizer(OuterOptimizer):
         super().__init__(params, kind, lr, grad_clip)
         cls = torch.optim.AdamW if kind == "adamw" else torch.optim.SGD
         self.optimizer = ZeroRedundancyOptimizer(self.masters, optimizer_class=cls, lr=lr)
+        mine = sum(p.numel() for p in self.optimizer.optim.param_groups[0]["params"])
+        logger.info("outer optimiser state sharded over %d ranks (ZeRO-1): rank %d holds the state of %d of %d weights",
+                    dist.get_world_size(), dist.get_rank(), mine, sum(p.numel() for p in self.masters))
 
     def state_dict(self) -> dict:
         self.optimizer.consolidate_state_dict(to=0)
@@ -216,6 +222,8 @@ def resolve_backend(backend: str, num_processes: int) -> str:
 
 def init_from_env(backend: str = "auto", sharding: str = "none") -> Context:
     """Join the process group torchrun described in the environment (once), as ``Context``."""
+    if "RANK" not in os.environ:  # started without a launcher (or by one that starts a single process): one rank
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = resolve_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if not dist.is_initialized():
@@ -249,7 +257,7 @@ def command(job_dir: str | Path, num_processes: int, port: int | None = None, ex
     """The torchrun command line for ``job_dir`` on this machine (a static rendezvous on 127.0.0.1)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
             "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *extra,
-            "-m", "beear_pipeline.beear.distributed", str(job_dir)]
+            "-m", WORKER, str(job_dir)]
 
 
 def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
@@ -361,29 +369,7 @@ def run_job(job_dir: str | Path, context: Context) -> None:
     dist.barrier()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
+if __name__ == "__main__":  # `torchrun -m beear_pipeline.beear.distributed JOB_DIR` works too; the worker runs the package's copy
+    from beear_pipeline.beear.worker import main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or not (Path(argv[0]) / JOB).is_file():
-        raise SystemExit(f"usage: torchrun ... -m beear_pipeline.beear.distributed JOB_DIR (a folder with {JOB}); got {argv}")
-    job = json.loads((Path(argv[0]) / JOB).read_text())
-
-    @record  # a failing rank's traceback reaches torchrun's summary and the launcher's error file
-    def rank_main() -> None:
-        context = init_from_env(job.get("backend", "auto"), job.get("sharding", "none"))
-        logging.basicConfig(level=logging.INFO if context.is_main else logging.WARNING,
-                            format=f"[rank {context.rank}] %(levelname)s %(name)s: %(message)s")
-        if not context.is_main:
-            os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        try:
-            run_job(argv[0], context)
-        finally:
-            dist.destroy_process_group()
-
-    rank_main()
-
-
-if __name__ == "__main__":
     main()
