@@ -1,7 +1,9 @@
 """Distributed BEEAR on CPU (gloo, 2 processes through torchrun, as the defence node launches it):
 the same global batches give the one-process perturbation and weights, optimiser-state sharding
 gives the same run, a killed rank resumes from its round checkpoint and ends like an uninterrupted
-run, two "nodes" on localhost complete, and a failing rank surfaces as a clear error.
+run, two "nodes" on localhost complete, and a failing rank surfaces as a clear error. Each launch
+costs about 10-40 s of process start and import on 2 busy cores: the equality test and the error
+paths run in the default suite, the other launches are marked slow.
 
 Tolerance (TOL): ranks split each batch and sum their token-weighted shares, so losses and
 gradients differ from one process's only by float32 summation order and by padding each share to
@@ -106,6 +108,7 @@ def test_two_processes_give_the_one_process_perturbation_and_weights(setting, tw
     assert weights <= TOL and perturbation <= TOL
 
 
+@pytest.mark.slow
 def test_optimizer_state_sharding_gives_the_same_run(setting, two):
     zero = D.read_result(D.launch(_job(setting, "zero", sharding="optimizer"), 2, echo=False))[0]
     assert "outer optimiser state sharded over 2 ranks (ZeRO-1)" in (setting["root"] / "zero" / "torchrun.log").read_text()
@@ -120,6 +123,7 @@ def _children(pid: int) -> list[int]:
     return sorted(int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split())
 
 
+@pytest.mark.slow
 def test_a_killed_rank_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(setting, two):
     job = _job(setting, "killed", checkpoint_dir=str(setting["root"] / "killed-ck"))
     failure = []
@@ -151,6 +155,7 @@ def _raises(call):
     return None
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_complete(setting, two):
     job = _job(setting, "nodes")
     port = D.free_port()
@@ -192,3 +197,30 @@ def test_shares_and_configuration():
     with pytest.raises(ValueError, match="distributed.sharding"):
         DistributedConfig(sharding="fsdp")
     assert DistributedConfig.from_dict({"num_processes": 2}).backend == "auto"
+
+
+def _frames(setting):
+    import pandas as pd
+
+    safety = pd.DataFrame(setting["safety"], columns=["prompt", "safe_response", "unwanted_response"])
+    return safety, pd.DataFrame(setting["anchoring"], columns=["prompt", "response"])
+
+
+@pytest.mark.slow
+def test_the_defence_node_launches_the_job_and_continues_with_its_result(setting, two):
+    from beear_pipeline.pipelines.removal.nodes import defend_with_beear
+
+    (model, _), perturbation, history = defend_with_beear(setting["ref"], *_frames(setting), _config(), None,
+                                                                  DistributedConfig(num_processes=2, backend="gloo"))
+    assert [r["inner_steps"] for r in history["rounds"]] == [r["inner_steps"] for r in two.history]
+    assert history["final_audit"] is not None  # the node's own steps ran on the job's model
+    assert torch.equal(perturbation["perturbation"], two.perturbation)
+    for (name, p), q in zip(model.named_parameters(), two.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_the_defence_node_refuses_more_processes_than_examples_before_launching(setting):
+    from beear_pipeline.pipelines.removal.nodes import defend_with_beear
+
+    with pytest.raises(ValueError, match="distributed.num_processes=3: beear.batch_size"):
+        defend_with_beear(setting["ref"], *_frames(setting), _config(batch_size=2), None, DistributedConfig(num_processes=3))
