@@ -224,3 +224,19 @@ def test_the_defence_node_refuses_more_processes_than_examples_before_launching(
 
     with pytest.raises(ValueError, match="distributed.num_processes=3: beear.batch_size"):
         defend_with_beear(setting["ref"], *_frames(setting), _config(batch_size=2), None, DistributedConfig(num_processes=3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge_adapter", [True, False])
+def test_lora_runs_data_parallel(setting, merge_adapter):
+    config = _config(trainable="lora", lora_rank=4, max_rounds=3, merge_adapter=merge_adapter)
+    model, tokenizer = load_checkpoint(setting["ref"]["path"])
+    single = run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
+    job = D.write_job(setting["root"] / f"lora-{merge_adapter}", setting["ref"], setting["safety"], setting["anchoring"], config,
+                      backend="gloo")
+    two = D.read_result(D.launch(job, 2, echo=False))[0]
+    assert hasattr(two.model, "peft_config") == (not merge_adapter)  # an adapter folder for the same base, reloaded
+    _same_decisions(two, single)
+    weights, perturbation = _diffs(two, single)
+    print(f"LoRA (merge_adapter={merge_adapter}), 2 processes vs 1: weights {weights:.2e}, perturbation {perturbation:.2e}")
+    assert max(weights, perturbation) <= TOL
