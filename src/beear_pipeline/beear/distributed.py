@@ -314,7 +314,7 @@ def _root_cause(job_dir: Path) -> str:
             continue
         text = message.get("message") if isinstance(message, dict) else str(message)
         if text:
-            return f"Root cause: {text.strip().splitlines()[-1]}. "
+            return f"Root cause: {text.strip().splitlines()[-1].rstrip('.')}. "
     return ""
 
 
