@@ -240,3 +240,44 @@ def test_lora_runs_data_parallel(setting, merge_adapter):
     weights, perturbation = _diffs(two, single)
     print(f"LoRA (merge_adapter={merge_adapter}), 2 processes vs 1: weights {weights:.2e}, perturbation {perturbation:.2e}")
     assert max(weights, perturbation) <= TOL
+
+
+NODE_UNDER_TORCHRUN = """
+import json, os, sys
+import mlflow, pandas as pd, torch
+from safetensors.torch import save_file
+from beear_pipeline.beear.config import BeearConfig, DistributedConfig
+from beear_pipeline.pipelines.removal.nodes import defend_with_beear
+
+spec, rank = json.load(open(sys.argv[1])), os.environ["RANK"]
+torch.set_num_threads(1)
+mlflow.set_tracking_uri(f"sqlite:///{spec['root']}/mlflow-{rank}.db")  # each rank's own run, as each rank's kedro would have
+safety = pd.DataFrame(spec["safety"], columns=["prompt", "safe_response", "unwanted_response"])
+anchoring = pd.DataFrame(spec["anchoring"], columns=["prompt", "response"])
+with mlflow.start_run() as run:
+    (model, _), _, history = defend_with_beear(spec["ref"], safety, anchoring, BeearConfig.from_dict(spec["config"]), None,
+                                               DistributedConfig(backend="gloo"))
+metrics = mlflow.get_run(run.info.run_id).data.metrics
+json.dump({"metrics": sorted(metrics), "rounds": len(history["rounds"])}, open(f"{spec['root']}/rank-{rank}.json", "w"))
+if rank == "0":
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{spec['root']}/weights.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_a_node_under_torchrun_runs_as_one_rank_and_only_rank_0_logs(setting, two, tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "node.py").write_text(NODE_UNDER_TORCHRUN)
+    spec = {"root": str(tmp_path), "ref": setting["ref"], "safety": setting["safety"], "anchoring": setting["anchoring"],
+            "config": _config().to_dict()}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([*D.command(tmp_path, 2)[:-3], str(tmp_path / "node.py"), str(tmp_path / "spec.json")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["rounds"] == ranks[1]["rounds"] == len(two.history)
+    assert "beear.outer_loss" in ranks[0]["metrics"] and ranks[1]["metrics"] == []
+    weights = load_file(tmp_path / "weights.safetensors")
+    for name, p in two.model.state_dict().items():
+        assert torch.equal(weights[name], p), name

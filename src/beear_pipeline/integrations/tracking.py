@@ -1,13 +1,15 @@
 """MLflow logging that is a no-op outside a run, so nodes also work without tracking (tests, a
-plain SequentialRunner)."""
+plain SequentialRunner), and in every rank but 0 of a torchrun job (docs/distributed.md)."""
 
 from __future__ import annotations
+
+import os
 
 import mlflow
 
 
 def _active() -> bool:
-    return mlflow.active_run() is not None
+    return mlflow.active_run() is not None and os.environ.get("RANK", "0") == "0"
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
