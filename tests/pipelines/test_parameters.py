@@ -8,6 +8,7 @@ from helpers import raw_params, typed_params
 
 from beear_pipeline.attacks import AttackConfig
 from beear_pipeline.beear import BeearConfig
+from beear_pipeline.beear.config import DistributedConfig
 from beear_pipeline.behaviours.config import BehavioursConfig
 from beear_pipeline.embedded import EmbeddedModelConfig
 from beear_pipeline.evaluation.config import EvaluationConfig, PersistenceConfig
@@ -18,7 +19,7 @@ from beear_pipeline.probe import ProbeConfig
 
 BLOCKS = {"beear": BeearConfig, "behaviours": BehavioursConfig, "embedded_model": EmbeddedModelConfig, "evaluation": EvaluationConfig,
           "persistence": PersistenceConfig, "registry": RegistryConfig, "reaudit": ReauditConfig, "model": ModelConfig,
-          "probe": ProbeConfig, "plan": PlanConfig, "attack": AttackConfig}
+          "probe": ProbeConfig, "plan": PlanConfig, "attack": AttackConfig, "distributed": DistributedConfig}
 
 
 def test_every_block_is_typed_the_way_kedro_types_it():
