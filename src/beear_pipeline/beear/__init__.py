@@ -8,7 +8,8 @@
 - ``engine``: the bi-level loop, the convergence rule and ``find_perturbation``;
 - ``entrapment``: the inner objective, projection, step-size rule, hidden-state scale, random
   directions and the entrapment rate (shared with the probe);
-- ``scopes``: which weights the outer step trains; ``resume``: round checkpoints.
+- ``scopes``: which weights the outer step trains; ``resume``: round checkpoints;
+- ``distributed`` / ``worker``: the same run on N torch.distributed processes (docs/distributed.md).
 """
 
 from beear_pipeline.beear.config import BeearConfig
