@@ -57,9 +57,13 @@ def setting(tmp_path_factory):
     model = build_model(len(tokenizer), EmbeddedModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, seed=0),
                         tokenizer)
     path = save_checkpoint(model, tokenizer, root / "suspect")
-    torch.set_num_threads(1)
-    model, tokenizer = load_checkpoint(path)
-    single = run_beear(model, tokenizer, safety, anchoring, _config())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank computes (launch sets OMP_NUM_THREADS=1)
+    try:
+        model, tokenizer = load_checkpoint(path)
+        single = run_beear(model, tokenizer, safety, anchoring, _config())
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session keeps its own
     return {"root": root, "ref": {"path": str(path)}, "safety": safety, "anchoring": anchoring, "single": single}
 
 
