@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,15 +130,19 @@ def snapshot(path: str | os.PathLike, root: str | os.PathLike, key: str) -> Path
     target = Path(root) / key
     if target.is_dir():
         return target
-    tmp = target.with_name(f".{key}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = target.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")  # two runs may snapshot the same weights at once
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(path, tmp, copy_function=os.link)
     except OSError:  # another file system: hard links impossible, copy instead
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(path, tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # the other run's snapshot of the same weights (same key) got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
     return target
 
 
