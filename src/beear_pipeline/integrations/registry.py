@@ -107,13 +107,21 @@ def get_version(uri: str):
                             "Check the name and alias/version with `mlflow models` or the MLflow UI.") from e
 
 
-def version_path(version) -> Path:
-    """Local folder of a registered version: its source path, or a download of its artifacts."""
+def version_path(version, project: str | os.PathLike | None = None) -> Path:
+    """Local folder of a registered version: its source path; where that folder is not on this
+    machine and the version carries ``dvc.md5``, the checkpoint pulled by that hash from the DVC
+    remote of ``project`` (default: the working directory); else a download of its artifacts."""
     source = version.source
     if source.startswith("file://"):
         source = source[len("file://"):]
     if os.path.isdir(source):
         return Path(source)
+    tags = getattr(version, "tags", None) or {}
+    if tags.get("dvc.md5") and not re.match(r"^[a-z][a-z0-9+.-]*:", source):  # a local folder this machine lacks
+        from beear_pipeline.integrations.dvc_artifacts import pull_by_hash
+
+        logger.info("%s version %s: %s is not on this machine; pulling it with DVC", version.name, version.version, source)
+        return pull_by_hash(tags["dvc.md5"], project or Path.cwd(), name=tags.get("dvc.path", f"{version.name} v{version.version}"))
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))

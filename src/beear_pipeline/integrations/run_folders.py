@@ -345,6 +345,11 @@ def snapshot(folder: str | os.PathLike) -> Path:
     return _current.snapshot(folder) if _current is not None else Path(folder)
 
 
+def published(path: str | os.PathLike) -> Path:
+    """Where the current run publishes its path ``path`` (``path`` itself outside a run)."""
+    return Path(_current._published_value(str(path))) if _current is not None else Path(path)
+
+
 def new_run_id() -> str:
     """A run id when MLflow has none: sortable by time, unique across processes."""
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
