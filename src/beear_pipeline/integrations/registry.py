@@ -60,11 +60,17 @@ class ReauditConfig:
     quarantine_alias: str = "quarantined"
     probe: bool = True
     """Also run the trigger-free probe (settings: parameters_probe.yml) -> audit.probe_verdict."""
+    version: str | None = None
+    """``NAME/VERSION``: the one selected version that the ``reaudit_version`` pipeline audits
+    (one task of a fanned-out re-audit: ``python -m beear_pipeline reaudit --workers N``, or the
+    Airflow DAG); unused by ``reaudit``, which audits every selected version in turn."""
 
     def __post_init__(self) -> None:
         _check_gate("reaudit", self.gate_statistic, self.asr_threshold)
         if self.alias and not self.name:
             raise ValueError("reaudit.alias needs reaudit.name (an alias belongs to one registered model)")
+        if self.version is not None and not re.fullmatch(r"[^@]+/\d+", str(self.version)):
+            raise ValueError(f"reaudit.version={self.version!r}: use NAME/VERSION of a selected registry version, e.g. tiny-suspect/3")
 
 
 GATE_STATISTICS = ("upper_bound", "point")
