@@ -52,6 +52,7 @@ def test_the_hash_is_the_one_dvc_records(tmp_path):
     # only outputs that dvc.yaml tracks get the tags
     assert dvc_tags(folder, "data/06_models/defended", ROOT) == {"dvc.md5": recorded, "dvc.path": "data/06_models/defended"}
     assert dvc_tags(folder, "some/own/folder", ROOT) == {}
+    assert dvc_tags(folder, "reports/evaluation.md", ROOT) == {}  # declared with cache: false, so never pushed
 
 
 TINY = {"epochs: 8": "epochs: 1", "hidden_size: 128": "hidden_size: 32", "intermediate_size: 344": "intermediate_size: 64",

@@ -32,8 +32,11 @@ def test_run_writes_its_own_folder_and_publishes_files_and_folders(tmp_path):
     (tmp_path / "data/06_models/model/weights.bin").write_bytes(b"old")
     (tmp_path / "data/06_models/model/stale.bin").write_bytes(b"old")
     assert run.local(tmp_path / "elsewhere" / ".." / ".." / "outside") == tmp_path / "elsewhere" / ".." / ".." / "outside"  # not ours
+    scratch = tmp_path / run.local("data/06_models/checkpoints", publish=False)  # the run's own, never published
+    scratch.mkdir(parents=True)
 
     assert sorted(run.publish()) == ["data/06_models/model", "data/06_models/model.json"]
+    assert not (tmp_path / "data/06_models/checkpoints").exists()
     published = tmp_path / "data/06_models"
     assert (published / "model/weights.bin").read_bytes() == b"new" and not (published / "model/stale.bin").exists()
     assert os.stat(published / "model/weights.bin").st_ino == os.stat(tmp_path / model / "weights.bin").st_ino  # linked, not copied

@@ -36,7 +36,7 @@ def test_dag_fans_out_one_task_per_selected_version():
     tasks = _tasks(tree)
     assert {name: _pipelines_run(fn) for name, fn in tasks.items()} == {
         "prepare": ["reaudit_prepare"], "audit_version": ["reaudit_version"], "gather": ["reaudit_gather"]}
-    assert set(sum(map(_pipelines_run, tasks.values()), [])) <= set(register_pipelines())
+    assert {p for fn in tasks.values() for p in _pipelines_run(fn)} <= set(register_pipelines())
     # audit_version is mapped over what prepare returns (the selection), and gather follows it
     expand = next(c for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "attr", "") == "expand")
     assert expand.func.value.id == "audit_version" and expand.keywords[0].arg == "version"
