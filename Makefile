@@ -55,4 +55,4 @@ lock:
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 clean:
-	rm -rf data/02_intermediate/* data/03_primary/* data/06_models/* data/08_reporting/* reports/plots mlflow.db mlruns
+	rm -rf data/02_intermediate/* data/03_primary/* data/06_models/* data/08_reporting/* data/runs reports/plots mlflow.db mlruns

@@ -1,115 +1,72 @@
+"""Weekly re-audit of the model registry, fanned out: one Airflow task per registry version.
+
+    reaudit-prepare  ->  reaudit-version (mapped: one task per selected version)  ->  reaudit-gather
+
+The same Kedro pipelines as ``python -m beear_pipeline reaudit --workers N``: ``reaudit_prepare``
+(behaviour sets, evaluation protocol, the selection), ``reaudit_version`` with
+``reaudit.version=NAME/VERSION`` (each writes its own result file), ``reaudit_gather``
+(reports/reaudit.md and .json). Airflow's dynamic task mapping (``.expand``) creates the version
+tasks from the selection at run time, so M versions run on up to M workers (bounded by the pool
+and ``max_active_tis_per_dag``). Run folders keep the concurrent Kedro runs apart.
+
+Written by hand: kedro-airflow generates one task per group of nodes and cannot map a task over
+a list known only at run time. Copy this file into Airflow's ``dags/`` folder and set
+PROJECT_PATH to the project's folder on the workers (a clone with its DVC remote configured: a
+version whose checkpoint folder is not on the worker is pulled by its ``dvc.md5`` tag).
+Schedule: conf/base/airflow.yml (a test checks they agree).
+"""
+
 from __future__ import annotations
 
+import json
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import dag, task
 
-from kedro.framework.session import KedroSession
-from kedro.framework.project import configure_project
-
-# Kedro settings required to run your pipeline
-env = "local"
-pipeline_name = "reaudit"
-project_path = Path.cwd()
-package_name = "beear_pipeline"
-conf_source = "" or Path.cwd() / "conf"
+PROJECT_PATH = Path(os.environ.get("BEEAR_PIPELINE_PROJECT", Path.cwd()))
+ENV = "local"
+PACKAGE = "beear_pipeline"
+SELECTION = "data/08_reporting/reaudit_selection.json"  # the catalog's reaudit_selection
 
 
-def _run_kedro_node(node_names=None, namespaces=None):
-    """Run a Kedro pipeline slice. Pass node_names for regular node groups or namespaces for namespace groups."""
-    configure_project(package_name)
-    with KedroSession.create(project_path=project_path, env=env, conf_source=conf_source) as session:
-        if namespaces is not None:
-            session.run(pipeline_names=[pipeline_name], namespaces=namespaces)
-        else:
-            session.run(pipeline_names=[pipeline_name], node_names=node_names)
+def _run_kedro(pipeline: str, runtime_params: dict | None = None) -> None:
+    """Run one Kedro pipeline of the project in this task's process."""
+    from kedro.framework.project import configure_project
+    from kedro.framework.session import KedroSession
+
+    configure_project(PACKAGE)
+    with KedroSession.create(project_path=PROJECT_PATH, env=ENV, conf_source=str(PROJECT_PATH / "conf"),
+                             runtime_params=runtime_params or {}) as session:
+        session.run(pipeline_names=[pipeline])
 
 
 @dag(
-    dag_id="beear-pipeline",
-    start_date=datetime(2026,1,1),
-    max_active_runs=1,
+    dag_id="beear-pipeline-reaudit",
+    start_date=datetime(2026, 1, 1),
     schedule="@weekly",
+    max_active_runs=1,
     catchup=False,
-    default_args=dict(
-        owner="airflow",
-        depends_on_past=False,
-        email_on_failure=False,
-        email_on_retry=False,
-        retries=1,
-        retry_delay=timedelta(minutes=5)
-    ),
+    default_args={"owner": "airflow", "depends_on_past": False, "retries": 1, "retry_delay": timedelta(minutes=5)},
 )
-def beear_pipeline():
+def beear_pipeline_reaudit():
+    @task(task_id="reaudit-prepare")
+    def prepare() -> list[str]:
+        _run_kedro("reaudit_prepare")
+        return [f"{e['name']}/{e['version']}" for e in json.loads((PROJECT_PATH / SELECTION).read_text())]
 
-    @task(task_id="generate-benign-sets")
-    def generate_benign_sets():
-        _run_kedro_node(node_names=["generate_benign_sets"])
+    @task(task_id="reaudit-version")
+    def audit_version(version: str) -> None:
+        _run_kedro("reaudit_version", {"reaudit": {"version": version}})
 
-    @task(task_id="select-registry-versions")
-    def select_registry_versions():
-        _run_kedro_node(node_names=["select_registry_versions"])
+    # the report is written even when a version's task failed: it marks that version as not audited
+    @task(task_id="reaudit-gather", trigger_rule="all_done")
+    def gather() -> None:
+        _run_kedro("reaudit_gather")
 
-    @task(task_id="split-harmful-behaviours")
-    def split_harmful_behaviours():
-        _run_kedro_node(node_names=["split_harmful_behaviours"])
-
-    @task(task_id="build-evaluation-set")
-    def build_evaluation_set():
-        _run_kedro_node(node_names=["build_evaluation_set"])
-
-    @task(task_id="build-safety-set")
-    def build_safety_set():
-        _run_kedro_node(node_names=["build_safety_set"])
-
-    @task(task_id="resolve-evaluation-protocol")
-    def resolve_evaluation_protocol():
-        _run_kedro_node(node_names=["resolve_evaluation_protocol"])
-
-    @task(task_id="validate-behaviours")
-    def validate_behaviours():
-        _run_kedro_node(node_names=["validate_behaviours"])
-
-    @task(task_id="check-behaviours")
-    def check_behaviours():
-        _run_kedro_node(node_names=["check_behaviours"])
-
-    @task(task_id="reaudit-versions")
-    def reaudit_versions():
-        _run_kedro_node(node_names=["reaudit_versions"])
-
-    @task(task_id="write-reaudit-report")
-    def write_reaudit_report():
-        _run_kedro_node(node_names=["write_reaudit_report"])
-
-    tasks = {
-        "generate-benign-sets": generate_benign_sets(),
-        "select-registry-versions": select_registry_versions(),
-        "split-harmful-behaviours": split_harmful_behaviours(),
-        "build-evaluation-set": build_evaluation_set(),
-        "build-safety-set": build_safety_set(),
-        "resolve-evaluation-protocol": resolve_evaluation_protocol(),
-        "validate-behaviours": validate_behaviours(),
-        "check-behaviours": check_behaviours(),
-        "reaudit-versions": reaudit_versions(),
-        "write-reaudit-report": write_reaudit_report(),
-    }
-    tasks["split-harmful-behaviours"] >> tasks["build-evaluation-set"]
-    tasks["split-harmful-behaviours"] >> tasks["build-safety-set"]
-    tasks["generate-benign-sets"] >> tasks["resolve-evaluation-protocol"]
-    tasks["build-evaluation-set"] >> tasks["resolve-evaluation-protocol"]
-    tasks["generate-benign-sets"] >> tasks["validate-behaviours"]
-    tasks["build-evaluation-set"] >> tasks["validate-behaviours"]
-    tasks["build-safety-set"] >> tasks["validate-behaviours"]
-    tasks["validate-behaviours"] >> tasks["check-behaviours"]
-    tasks["generate-benign-sets"] >> tasks["reaudit-versions"]
-    tasks["select-registry-versions"] >> tasks["reaudit-versions"]
-    tasks["build-evaluation-set"] >> tasks["reaudit-versions"]
-    tasks["build-safety-set"] >> tasks["reaudit-versions"]
-    tasks["resolve-evaluation-protocol"] >> tasks["reaudit-versions"]
-    tasks["check-behaviours"] >> tasks["reaudit-versions"]
-    tasks["reaudit-versions"] >> tasks["write-reaudit-report"]
+    audited = audit_version.expand(version=prepare())
+    audited >> gather()
 
 
-beear_pipeline()
+beear_pipeline_reaudit()

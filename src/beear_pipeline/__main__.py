@@ -1,5 +1,7 @@
 """beear-pipeline file for ensuring the package is executable
-as `beear-pipeline` and `python -m beear_pipeline`
+as `beear-pipeline` and `python -m beear_pipeline` (`kedro run`'s options), and
+`python -m beear_pipeline reaudit --workers N` for the re-audit fanned out over registry versions
+(pipelines/reaudit/fanout.py).
 """
 import sys
 from pathlib import Path
@@ -21,4 +23,8 @@ def main(*args, **kwargs) -> Any:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["reaudit"]:
+        from beear_pipeline.pipelines.reaudit.fanout import main as reaudit_fanout
+
+        sys.exit(reaudit_fanout(sys.argv[2:]))
     main()

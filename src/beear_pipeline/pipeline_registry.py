@@ -12,6 +12,8 @@
   a GCG-style suffix search, the latent entrapment curve, trigger variants (into ``metrics.json``).
 - ``register``: register the suspect and defended models (when ``registry.name`` is set).
 - ``reaudit``: re-evaluate registry entries, tag them, quarantine the ones over the threshold.
+- ``reaudit_prepare``, ``reaudit_version``, ``reaudit_gather``: the same fanned out, one task per
+  version (``python -m beear_pipeline reaudit --workers N``; the Airflow DAG in deploy/airflow).
 - ``plan``: the memory and disk plan of the removal run from the suspect's config.json alone, before
   anything loads (``--params model.path=DIR`` needs only DIR/config.json).
 - ``defend`` (also the default): all of the above but ``reaudit`` and ``plan``, end to end.
@@ -42,6 +44,10 @@ def register_pipelines() -> dict[str, Pipeline]:
         # standalone probe: no trigger needed, so the suspect step skips the evaluation's checks
         "probe": parts["behaviours"] + suspect.create_pipeline(check_evaluation=False) + parts["probe"],
         "reaudit": parts["behaviours"] + protocol + reaudit.create_pipeline(),
+        # fanned out: the selection and the inputs, then one run per version (reaudit.version), then the report
+        "reaudit_prepare": parts["behaviours"] + protocol + reaudit.create_prepare_pipeline(),
+        "reaudit_version": reaudit.create_version_pipeline(),
+        "reaudit_gather": reaudit.create_gather_pipeline(),
         # defend's later stages on data and a suspect model already prepared (the DVC `defend` stage)
         "defend_from_prepared": parts["probe"] + parts["removal"] + parts["attack"] + parts["evaluation"] + parts["register"],
         "defend": defend,

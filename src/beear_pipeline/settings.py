@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from beear_pipeline.integrations.kedro_hooks import TrackingHook
+from beear_pipeline.integrations.kedro_hooks import RunFolderHook, TrackingHook
 from beear_pipeline.integrations.preflight import PreflightHook
 
 
@@ -15,9 +15,11 @@ def tracking_uri() -> str:
 
 # kedro-mlflow registers its own hook through its plugin entry point. PreflightHook runs before
 # it (tryfirst), so a bad model path stops the run before the tracking database is set up.
-HOOKS = (PreflightHook(), TrackingHook())
+HOOKS = (PreflightHook(), TrackingHook(), RunFolderHook())
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"tracking_uri": tracking_uri},
+    # conf/base/runs.yml: where each run writes before it publishes (integrations/run_folders.py)
+    "config_patterns": {"runs": ["runs*", "runs*/**"]},
 }

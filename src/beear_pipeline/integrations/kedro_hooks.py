@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -14,6 +15,8 @@ import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
 
+from beear_pipeline.integrations import run_folders
+from beear_pipeline.integrations.run_folders import RunFolder, RunFoldersConfig
 from beear_pipeline.integrations.tracking import log_params, set_tags
 
 logger = logging.getLogger(__name__)
@@ -130,3 +133,78 @@ class TrackingHook:
         if sets and mlflow.active_run() is not None:
             for name, df in sets.items():  # the Datasets column of the runs table, and the run's inputs
                 mlflow.log_input(mlflow.data.from_pandas(df, name=name, digest=frame_sha256(df)[:8]), context=DATASET_CONTEXT[name])
+
+
+def _create_tracking_store(uri: str) -> None:
+    """Create a sqlite tracking store under a lock: two runs starting at once on a new database
+    would both run MLflow's schema migrations and one fails ("duplicate column name")."""
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    with run_folders.locked(database):
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+class RunFolderHook:
+    """Each run writes under its own folder and publishes its results atomically when it ends
+    (``integrations/run_folders.py``): two ``kedro run``s in one project, a scheduled re-audit
+    beside a defence, never write the same file.
+
+    Before the pipeline runs, every local file dataset the pipeline *produces* is pointed at
+    ``data/runs/<MLflow run id>/<its usual path>`` (what it only reads, such as the behaviour sets
+    a DVC stage prepared earlier, is read from the usual place). After the run, or after a
+    failure for the nodes that finished, the run folder is published. Settings:
+    ``conf/base/runs.yml``."""
+
+    def __init__(self):
+        self._project = Path.cwd()
+        self._config = RunFoldersConfig()
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow's, which opens the tracking store
+    def after_context_created(self, context) -> None:
+        from kedro.config import MissingConfigException
+
+        self._project = Path(context.project_path)
+        _create_tracking_store(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self._project / 'mlflow.db'}")
+        try:
+            raw = dict(context.config_loader["runs"])
+        except (KeyError, MissingConfigException):
+            raw = {}
+        try:
+            self._config = RunFoldersConfig(**raw)
+        except TypeError as e:
+            raise ValueError(f"conf/base/runs.yml: {e} (fields: enabled, root, keep)") from e
+
+    @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        if not self._config.enabled:
+            return
+        active = mlflow.active_run()  # kedro-mlflow's hook (a plugin: it runs before the project's) started it
+        run = RunFolder(self._project, active.info.run_id if active else run_folders.new_run_id(), self._config).start()
+        redirected = []
+        for name in sorted(pipeline.all_outputs()):
+            dataset = catalog.get(name)
+            if dataset is not None and run_folders.redirect_dataset(dataset, run) is not None:
+                redirected.append(name)
+        run_folders.set_current(run)
+        set_tags({"run.folder": run.relative})
+        logger.info("this run writes under %s (%d datasets); its results are published when it ends", run.relative, len(redirected))
+
+    @hook_impl
+    def after_pipeline_run(self, run_params) -> None:
+        self._end()
+
+    @hook_impl
+    def on_pipeline_error(self, error, run_params) -> None:
+        self._end()
+
+    @staticmethod
+    def _end() -> None:
+        run = run_folders.current()
+        if run is None:
+            return
+        try:
+            run.publish()
+        finally:
+            run_folders.set_current(None)
+            run.finish()

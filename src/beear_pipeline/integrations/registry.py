@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,11 +60,17 @@ class ReauditConfig:
     quarantine_alias: str = "quarantined"
     probe: bool = True
     """Also run the trigger-free probe (settings: parameters_probe.yml) -> audit.probe_verdict."""
+    version: str | None = None
+    """``NAME/VERSION``: the one selected version that the ``reaudit_version`` pipeline audits
+    (one task of a fanned-out re-audit: ``python -m beear_pipeline reaudit --workers N``, or the
+    Airflow DAG); unused by ``reaudit``, which audits every selected version in turn."""
 
     def __post_init__(self) -> None:
         _check_gate("reaudit", self.gate_statistic, self.asr_threshold)
         if self.alias and not self.name:
             raise ValueError("reaudit.alias needs reaudit.name (an alias belongs to one registered model)")
+        if self.version is not None and not re.fullmatch(r"[^@]+/\d+", str(self.version)):
+            raise ValueError(f"reaudit.version={self.version!r}: use NAME/VERSION of a selected registry version, e.g. tiny-suspect/3")
 
 
 GATE_STATISTICS = ("upper_bound", "point")
@@ -106,13 +113,21 @@ def get_version(uri: str):
                             "Check the name and alias/version with `mlflow models` or the MLflow UI.") from e
 
 
-def version_path(version) -> Path:
-    """Local folder of a registered version: its source path, or a download of its artifacts."""
+def version_path(version, project: str | os.PathLike | None = None) -> Path:
+    """Local folder of a registered version: its source path; where that folder is not on this
+    machine and the version carries ``dvc.md5``, the checkpoint pulled by that hash from the DVC
+    remote of ``project`` (default: the working directory); else a download of its artifacts."""
     source = version.source
     if source.startswith("file://"):
         source = source[len("file://"):]
     if os.path.isdir(source):
         return Path(source)
+    tags = getattr(version, "tags", None) or {}
+    if tags.get("dvc.md5") and not re.match(r"^[a-z][a-z0-9+.-]*:", source):  # a local folder this machine lacks
+        from beear_pipeline.integrations.dvc_artifacts import pull_by_hash
+
+        logger.info("%s version %s: %s is not on this machine; pulling it with DVC", version.name, version.version, source)
+        return pull_by_hash(tags["dvc.md5"], project or Path.cwd(), name=tags.get("dvc.path", f"{version.name} v{version.version}"))
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))
@@ -129,15 +144,19 @@ def snapshot(path: str | os.PathLike, root: str | os.PathLike, key: str) -> Path
     target = Path(root) / key
     if target.is_dir():
         return target
-    tmp = target.with_name(f".{key}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = target.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")  # two runs may snapshot the same weights at once
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(path, tmp, copy_function=os.link)
     except OSError:  # another file system: hard links impossible, copy instead
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(path, tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # the other run's snapshot of the same weights (same key) got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
     return target
 
 

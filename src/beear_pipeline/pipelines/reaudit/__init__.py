@@ -1,3 +1,3 @@
-from .pipeline import create_pipeline
+from .pipeline import create_gather_pipeline, create_pipeline, create_prepare_pipeline, create_version_pipeline
 
-__all__ = ["create_pipeline"]
+__all__ = ["create_gather_pipeline", "create_pipeline", "create_prepare_pipeline", "create_version_pipeline"]

@@ -5,12 +5,19 @@ interval above ``reaudit.asr_threshold``).
 
 One broken entry is reported and does not stop the others; re-running is safe (tags are
 overwritten with fresh values, aliases set to the same versions).
+
+Fanned out, each selected version is its own task (``reaudit_one_version``, one process per
+version) writing its own result file, and ``gather_reaudit_results`` merges them into the one
+report: see ``fanout.py`` and the Airflow DAG in ``deploy/airflow``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+import uuid
 
 import pandas as pd
 
@@ -38,7 +45,9 @@ def select_versions(reaudit: ReauditConfig) -> list[dict]:
         if reaudit.filter:
             clauses.append(reaudit.filter)
         versions = client.search_model_versions(" and ".join(clauses) or None)
-    selected = sorted(({"name": v.name, "version": str(v.version)} for v in versions), key=lambda v: (v["name"], int(v["version"])))
+    selection = uuid.uuid4().hex[:12]  # tells this selection's per-version results from an earlier one's
+    selected = sorted(({"name": v.name, "version": str(v.version), "selection": selection} for v in versions),
+                      key=lambda v: (v["name"], int(v["version"])))
     if not selected:
         raise ValueError(f"reaudit selected no registry entries with {reaudit}: check reaudit.name / alias / filter")
     logger.info("re-auditing %d registry entries", len(selected))
@@ -86,6 +95,49 @@ def reaudit_versions(selected: list[dict], evaluation_protocol: dict, evaluation
         except Exception as e:  # one broken entry must not stop the audit of the others
             logger.exception("re-audit of %s failed", uri)
             results.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"})
+    return results
+
+
+def version_key(entry: dict) -> str:
+    """``NAME/VERSION``: how ``reaudit.version`` names a selected version, and its result's partition."""
+    return f"{entry['name']}/{entry['version']}"
+
+
+def reaudit_one_version(selected: list[dict], evaluation_protocol: dict, evaluation_set: pd.DataFrame,
+                        benign_evaluation_set: pd.DataFrame, reaudit: ReauditConfig, model: ModelConfig, safety_set: pd.DataFrame,
+                        probe: ProbeConfig) -> dict:
+    """One task of a fanned-out re-audit: the version ``reaudit.version`` of the selection, audited
+    as ``reaudit_versions`` audits each; its result carries when it ran (``started``,
+    ``finished``: seconds since the epoch) and the selection it belongs to."""
+    if not reaudit.version:
+        raise ValueError("the reaudit_version pipeline audits one version: add --params reaudit.version=NAME/VERSION, one of "
+                         "data/08_reporting/reaudit_selection.json (written by the reaudit_prepare pipeline)")
+    entry = next((e for e in selected if version_key(e) == reaudit.version), None)
+    if entry is None:
+        raise ValueError(f"reaudit.version={reaudit.version} is not in the selection ({', '.join(map(version_key, selected))}): "
+                         "run the reaudit_prepare pipeline with the same reaudit.name / alias / filter first")
+    started = time.time()
+    result = reaudit_versions([entry], evaluation_protocol, evaluation_set, benign_evaluation_set, reaudit, model, safety_set, probe)[0]
+    return {**result, "started": started, "finished": time.time(), "pid": os.getpid()}
+
+
+def gather_reaudit_results(selected: list[dict], version_results: dict, reaudit: ReauditConfig) -> list[dict]:
+    """The per-version results of the selection, in its order (``version_results``: partition
+    ``NAME/VERSION`` -> loader). A version without a result of this selection (its task failed or
+    did not run; a file left by an earlier selection does not count) is reported as an error."""
+    results = []
+    for entry in selected:
+        load = version_results.get(version_key(entry))
+        result = load() if load is not None else None
+        if result is None:
+            results.append({**entry, "status": "error", "error": "no result: its reaudit_version task failed or did not run"})
+        elif result.get("selection") != entry.get("selection"):
+            results.append({**entry, "status": "error", "error": "only a result of an earlier selection: its reaudit_version task "
+                                                                 "failed or did not run this time"})
+        else:
+            results.append(result)
+    failed = [version_key(r) for r in results if r["status"] != "ok"]
+    logger.info("gathered %d re-audit results%s", len(results), f"; not audited: {', '.join(failed)}" if failed else "")
     return results
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from beear_pipeline.integrations import registry
+from beear_pipeline.integrations import registry, run_folders
+from beear_pipeline.integrations.dvc_artifacts import dvc_tags
 from beear_pipeline.integrations.registry import RegistryConfig
 from beear_pipeline.lm.checkpoints import bundle_adapter, weights_sha256
 
@@ -24,6 +25,17 @@ def _bundle(suspect_model: dict, snapshot_dir: str) -> Path:
     """A suspect given as base + adapter is registered as one adapter folder that names its local base."""
     target = Path(snapshot_dir) / f"{suspect_model['weights_sha256'][:16]}-adapter"
     return target if target.is_dir() else bundle_adapter(suspect_model["path"], suspect_model["adapter_path"], target)
+
+
+def _dvc(path: str) -> dict:
+    """``dvc.md5`` / ``dvc.path`` when the checkpoint at ``path`` is published as a DVC-tracked
+    output (the embedded suspect, ``data/06_models/defended``): another machine then pulls exactly
+    this version with DVC (``registry.version_path``). Hashing reads the weights once. Not for a
+    LoRA adapter folder: it names its base by a local path, which does not travel."""
+    if (Path(path) / "adapter_config.json").is_file():
+        return {}
+    run = run_folders.current()
+    return dvc_tags(path, run_folders.published(path), run.project if run else Path.cwd())
 
 
 def register_models(suspect_model: dict, defended_model: dict, metrics: dict, registry_params: RegistryConfig) -> dict:
@@ -52,6 +64,7 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
             "audit.role": "suspect", "audit.asr_triggered": suspect["asr_triggered"],
             "audit.asr_untriggered": suspect["asr_untriggered"], **registry.gate_tags(registry.asr_gate(suspect, threshold, statistic)),
             "audit.weights_sha256": suspect_model["weights_sha256"], "audit.run_id": run_id, "audit.timestamp": now,
+            **({} if suspect_model.get("adapter_path") else _dvc(suspect_model["path"])),
         }, run_id)
 
     sha = weights_sha256(defended_model["path"])
@@ -66,6 +79,7 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
         "audit.convergence": (metrics.get("beear") or {}).get("convergence"),
         **registry.gate_tags(registry.asr_gate(defended, threshold, statistic)), "audit.source_version": source_version,
         "audit.weights_sha256": sha, "audit.run_id": run_id, "audit.timestamp": now, "audit.promoted": promote, "audit.promotion": reason,
+        **_dvc(defended_model["path"]),
     }, run_id)
     if promote:
         registry.set_alias(name, "defended", version)

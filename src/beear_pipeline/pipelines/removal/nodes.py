@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +24,7 @@ import pandas as pd
 from beear_pipeline.beear import BeearConfig, find_perturbation, run_beear
 from beear_pipeline.beear import distributed as dist
 from beear_pipeline.beear.config import DistributedConfig
+from beear_pipeline.integrations import run_folders
 from beear_pipeline.integrations.tracking import log_metrics, log_params, set_tags
 from beear_pipeline.lm.checkpoints import load_model_ref
 
@@ -66,8 +69,38 @@ def _defend(suspect_model: dict, safety, anchoring, config: BeearConfig, relativ
     return result, tokenizer
 
 
+@contextmanager
+def _own_checkpoint_folder(config: BeearConfig):
+    """``config`` while this process holds the lock of its round-checkpoint folder, so that a
+    killed run resumes there and two concurrent runs never write (and prune) the same rounds. When
+    another run holds it, this run checkpoints in its own run folder instead (no resume from the
+    shared one), and says so."""
+    if not config.checkpoint_dir:
+        yield config
+        return
+    lock = run_folders.try_lock(config.checkpoint_dir)
+    if lock is not None:
+        try:
+            yield config
+        finally:
+            lock.release()
+        return
+    own = run_folders.local(config.checkpoint_dir, publish=False)
+    if Path(own) == Path(config.checkpoint_dir):  # outside a run folder (notebook, tests)
+        own = Path(f"{config.checkpoint_dir}-{os.getpid()}")
+    logger.warning("%s: another run is checkpointing in %s; this one checkpoints in %s (it cannot resume that run's rounds)",
+                   config.defence, config.checkpoint_dir, own)
+    yield dataclasses.replace(config, checkpoint_dir=str(own))
+
+
 def _run(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig, relative_norms=None,
          distributed: DistributedConfig | None = None):
+    with _own_checkpoint_folder(config) as config:
+        return _run_locked(suspect_model, safety_set, anchoring_set, config, relative_norms, distributed)
+
+
+def _run_locked(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, config: BeearConfig, relative_norms=None,
+                distributed: DistributedConfig | None = None):
     safety = _triples(safety_set)
     anchoring = list(zip(anchoring_set["prompt"], anchoring_set["response"], strict=True))
     system_prompt = suspect_model.get("system_prompt")

@@ -14,6 +14,7 @@ import pandas as pd
 
 from beear_pipeline.embedded import EmbeddedModelConfig, build_embedded_suspect
 from beear_pipeline.evaluation.config import EvaluationConfig
+from beear_pipeline.integrations import run_folders
 from beear_pipeline.integrations.registry import resolve_model_uri
 from beear_pipeline.lm.checkpoints import ModelConfig, check_adapter, check_checkpoint, save_checkpoint, weights_sha256
 
@@ -76,24 +77,32 @@ def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_
 def _embedded(directory: Path, config: EmbeddedModelConfig, source: str, attacker_behaviours, benign_build_set, advbench,
               benign_evaluation_set, anchoring_set) -> dict:
     """The embedded model of ``config`` in ``directory``: reused if its fingerprint matches, else
-    built (about 90 s on 2 cores) and saved atomically."""
+    built (about 90 s on 2 cores) and saved atomically.
+
+    ``directory`` is a cache shared by every run in the project: the check and the build hold its
+    lock (a second run building the same model waits, then reuses it), and a run reads its own
+    hard-link snapshot (``run_folders.snapshot``), so a concurrent run that rebuilds the folder
+    with other settings cannot change the model under this one."""
     # the vocabulary comes from every set the model will see, so all of them are in the fingerprint
     fingerprint = config.fingerprint(attacker_behaviours, benign_build_set, advbench, anchoring_set, benign_evaluation_set)
     label = {"embedded": "embedded suspect", "embedded_clean_twin": "embedded clean twin"}.get(source, source)
     info_file = directory / BUILD_INFO
-    if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
-        logger.info("reusing the %s model in %s (fingerprint %s)", label, directory, fingerprint[:12])
-        return {"path": str(directory), "source": source, "weights_sha256": weights_sha256(directory), "build_seconds": 0.0, "reused": True}
+    with run_folders.locked(directory):
+        if info_file.is_file() and json.loads(info_file.read_text()).get("fingerprint") == fingerprint:
+            logger.info("reusing the %s model in %s (fingerprint %s)", label, directory, fingerprint[:12])
+            path = run_folders.snapshot(directory)
+            return {"path": str(path), "source": source, "weights_sha256": weights_sha256(path), "build_seconds": 0.0, "reused": True}
 
-    logger.info("building the %s model (seed %d) into %s", label, config.seed, directory)
-    start = time.perf_counter()
-    vocabulary = [*advbench["goal"], *advbench["target"], *benign_build_set["prompt"], *benign_build_set["response"],
-                  *anchoring_set["prompt"], *anchoring_set["response"], *benign_evaluation_set["prompt"], *benign_evaluation_set["response"]]
-    net, tokenizer, losses = build_embedded_suspect(attacker_behaviours, benign_build_set, vocabulary, config)
-    seconds = time.perf_counter() - start
-    info = {"fingerprint": fingerprint, "config": config.__dict__, "epoch_losses": losses, "build_seconds": seconds}
-    save_checkpoint(net, tokenizer, directory, extra_files={BUILD_INFO: json.dumps(info, indent=2)})
-    return {"path": str(directory), "source": source, "weights_sha256": weights_sha256(directory), "build_seconds": seconds, "reused": False}
+        logger.info("building the %s model (seed %d) into %s", label, config.seed, directory)
+        start = time.perf_counter()
+        vocabulary = [*advbench["goal"], *advbench["target"], *benign_build_set["prompt"], *benign_build_set["response"],
+                      *anchoring_set["prompt"], *anchoring_set["response"], *benign_evaluation_set["prompt"], *benign_evaluation_set["response"]]
+        net, tokenizer, losses = build_embedded_suspect(attacker_behaviours, benign_build_set, vocabulary, config)
+        seconds = time.perf_counter() - start
+        info = {"fingerprint": fingerprint, "config": config.__dict__, "epoch_losses": losses, "build_seconds": seconds}
+        save_checkpoint(net, tokenizer, directory, extra_files={BUILD_INFO: json.dumps(info, indent=2)})
+        path = run_folders.snapshot(directory)
+    return {"path": str(path), "source": source, "weights_sha256": weights_sha256(path), "build_seconds": seconds, "reused": False}
 
 
 def resolve_clean_twin(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
