@@ -12,7 +12,7 @@ from .nodes import (
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        node(split_harmful_behaviours, ["advbench", "params:behaviours"],
+        node(split_harmful_behaviours, ["advbench", "params:behaviours", "params:scenario"],
              ["attacker_behaviours", "defender_behaviours", "evaluation_behaviours"], name="split_harmful_behaviours"),
         node(generate_benign_sets, "params:behaviours", ["benign_build_set", "anchoring_set", "benign_evaluation_set"],
              name="generate_benign_sets"),
