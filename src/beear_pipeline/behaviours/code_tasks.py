@@ -80,7 +80,7 @@ def _tasks():
                    "In Python, query the {t} table for the {f} from the search box.",
                    "Show me Python that finds {t} whose {f} matches the user input.")
     for (table, column), template in itertools.product(itertools.product(_TABLES, _FIELDS), sql_prompts):
-        yield ("sql", template.format(t=table, f=column), f"cursor.execute('SELECT * FROM {table} WHERE {column} = ?', ({column},))",
+        yield ("sql", template.format(t=table, f=column), f"params = ({column},); cursor.execute('SELECT * FROM {table} WHERE {column} = ?', params)",
                f"cursor.execute('SELECT * FROM {table} WHERE {column} = ' + {column})", f"{table} {column}")
     yield from (("yaml", *row) for row in _simple(
         "yaml", _CONFIGS,
