@@ -164,11 +164,16 @@ def build_evaluation_set(evaluation_behaviours: pd.DataFrame, behaviours: Behavi
 
 
 def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, evaluation_set: pd.DataFrame,
-                        benign_evaluation_set: pd.DataFrame, behaviours: BehavioursConfig, model: ModelConfig) -> dict:
+                        benign_evaluation_set: pd.DataFrame, behaviours: BehavioursConfig, model: ModelConfig,
+                        scenario: str = DEFAULT_SCENARIO) -> dict:
     """Run the Great Expectations checks on the four sets (before any model is loaded) and
     return the report, passed or not: it is saved and logged to MLflow either way."""
     sets = {"safety": safety_set, "anchoring": anchoring_set, "evaluation": evaluation_set, "benign": benign_evaluation_set}
-    sources = {kind: behaviours.path_of(kind) or DEFAULT_SOURCES[kind] for kind in sets}
+    defaults = dict(DEFAULT_SOURCES)
+    if get_scenario(scenario).name != DEFAULT_SCENARIO:  # the generated prompts of another scenario, not AdvBench
+        defaults.update(safety=f"the {scenario} scenario's generated defender share",
+                        evaluation=f"the {scenario} scenario's generated evaluation share")
+    sources = {kind: behaviours.path_of(kind) or defaults[kind] for kind in sets}
     columns = {kind: column_mapping(kind, behaviours) for kind in sets if behaviours.path_of(kind)}
     count_tokens, tokenizer = token_counter(model)
     report = validate_behaviour_sets(sets, sources, behaviours, columns, count_tokens, tokenizer)

@@ -20,6 +20,6 @@ def create_pipeline(**kwargs) -> Pipeline:
         node(build_evaluation_set, ["evaluation_behaviours", "params:behaviours"], "evaluation_set", name="build_evaluation_set"),
         # validated before any model loads: the suspect step takes behaviours_check as an input
         node(validate_behaviours, ["safety_set", "anchoring_set", "evaluation_set", "benign_evaluation_set", "params:behaviours",
-                                   "params:model"], "behaviours_validation", name="validate_behaviours"),
+                                   "params:model", "params:scenario"], "behaviours_validation", name="validate_behaviours"),
         node(check_behaviours, "behaviours_validation", "behaviours_check", name="check_behaviours"),
     ])
