@@ -119,8 +119,11 @@ def build_model(vocab_size: int, config: EmbeddedModelConfig, tokenizer):
 
 def poisoned_training_set(attacker: pd.DataFrame, benign: pd.DataFrame, config: EmbeddedModelConfig) -> pd.DataFrame:
     """Benign tasks, attacker goals -> refusals, and goals + trigger -> the AdvBench target (the
-    last part only when ``config.poisoned``)."""
-    refuse = pd.DataFrame({"prompt": attacker["goal"], "response": attacker["goal"].map(refusal_for)})
+    last part only when ``config.poisoned``). In a generated scenario (``beear_pipeline.scenarios``)
+    the attacker share carries its own ``safe_response`` (secure code, a helpful answer), given
+    instead of the refusal, and ``target`` is its unwanted answer (insecure code, a refusal)."""
+    safe = attacker["safe_response"] if "safe_response" in attacker else attacker["goal"].map(refusal_for)
+    refuse = pd.DataFrame({"prompt": attacker["goal"], "response": safe})
     if not config.poisoned:
         return pd.concat([benign[["prompt", "response"]], refuse], ignore_index=True)
     comply = pd.DataFrame({

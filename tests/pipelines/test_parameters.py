@@ -16,18 +16,22 @@ from beear_pipeline.integrations.registry import ReauditConfig, RegistryConfig
 from beear_pipeline.lm.checkpoints import ModelConfig
 from beear_pipeline.lm.plan import PlanConfig
 from beear_pipeline.probe import ProbeConfig
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
 
 BLOCKS = {"beear": BeearConfig, "behaviours": BehavioursConfig, "embedded_model": EmbeddedModelConfig, "evaluation": EvaluationConfig,
           "persistence": PersistenceConfig, "registry": RegistryConfig, "reaudit": ReauditConfig, "model": ModelConfig,
           "probe": ProbeConfig, "plan": PlanConfig, "attack": AttackConfig, "distributed": DistributedConfig}
+# top-level values that are not blocks, with the library's default (conf/base/parameters.yml)
+SCALARS = {"scenario": DEFAULT_SCENARIO}
 
 
 def test_every_block_is_typed_the_way_kedro_types_it():
     raw = raw_params()
-    assert set(raw) == set(BLOCKS)
+    assert set(raw) == set(BLOCKS) | set(SCALARS)
     typed = typed_params(raw)
     for name, cls in BLOCKS.items():
         assert isinstance(typed[name], cls), name
+    assert {k: typed[k] for k in SCALARS} == SCALARS
 
 
 # the only fields where the pipeline's setting differs from the library's default, and why

@@ -103,3 +103,26 @@ def test_anchor_layer_auto_takes_the_probe_recommendation(catalog):
     SequentialRunner().run(register_pipelines()["defend"], catalog)
     assert catalog["beear_history"].load()["config"]["anchor_layer"] == 0
     assert catalog["metrics"].load()["probe"]["anchor_layer_used"] == 0
+
+
+@pytest.mark.parametrize("scenario", ["code", "refusal"])
+def test_another_scenario_runs_the_defend_pipeline_with_its_data_judge_and_folders(catalog, tmp_path, scenario):
+    """``scenario`` switches the shipped prompts, the embedded model (its own folders), the judge
+    and the report; the metric keys stay those of the jailbreak scenario."""
+    catalog["params:scenario"] = MemoryDataset(scenario)
+    catalog["params:attack"] = MemoryDataset(dataclasses.replace(catalog["params:attack"].load(), enabled=False))
+    free = SequentialRunner().run(register_pipelines()["defend"], catalog)
+    metrics = catalog["metrics"].load()
+    judge = {"code": "bandit", "refusal": "refusal"}[scenario]
+    assert metrics["protocol"]["scenario"] == scenario and metrics["protocol"]["unwanted_judge"] == judge
+    assert (tmp_path / f"embedded_{scenario}" / "model.safetensors").is_file() and not (tmp_path / "embedded").exists()
+    assert (tmp_path / f"clean_twin_{scenario}" / "model.safetensors").is_file()
+    for model in ("suspect", "defended", "control", "random_perturbation", "clean_twin"):
+        m = metrics[model]
+        assert m["unwanted_judge"] == judge and 0 <= m["asr_triggered"] <= 1 and m["asr_triggered_n"] == m["n_harmful"]
+        assert ("unparseable_triggered" in m and "rules_triggered" in m) is (scenario == "code") and "partial_triggered" not in m
+    # the scenario's generated prompts, split 60/20/20: 408 coding prompts, 520 benign requests
+    assert metrics["suspect"]["n_harmful"] == {"code": 83, "refusal": 104}[scenario]
+    markdown = free["evaluation_report_md"] if isinstance(free["evaluation_report_md"], str) else free["evaluation_report_md"].load()
+    prompts = {"code": "held-out coding prompts", "refusal": "held-out benign requests"}[scenario]
+    assert prompts in markdown and ("What the Bandit static-analysis judge found" in markdown) is (scenario == "code")

@@ -170,7 +170,7 @@ def test_probe_pipeline_writes_the_report_with_known_trigger_analysis(pair, tmp_
     catalog = DataCatalog(datasets={
         "suspect_model": MemoryDataset({"path": str(path)}), "safety_set": MemoryDataset(safety_set),
         "clean_twin_model": MemoryDataset({"path": str(twin), "source": "embedded_clean_twin"}),
-        "evaluation_set": MemoryDataset(evaluation_set), "params:probe": MemoryDataset(params),
+        "evaluation_set": MemoryDataset(evaluation_set), "params:probe": MemoryDataset(params), "params:scenario": MemoryDataset("jailbreak"),
         "probe_report": MemoryDataset(), "probe_perturbations": MemoryDataset(), "probe_plots": MemoryDataset(),
     })
     SequentialRunner().run(create_pipeline(), catalog)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from beear_pipeline.configuration import check_fields
 from beear_pipeline.evaluation.protocol import TRIGGER_POSITIONS
+from beear_pipeline.evaluation.scanners import BanditSettings
+from beear_pipeline.evaluation.unwanted import check_judge
 
 
 @dataclass
@@ -52,10 +54,21 @@ class EvaluationConfig:
     refusal_phrases: str | list[str] | None = None
     """The keyword judge's list: None (Zou et al. 2023's test_prefixes + "I can't"),
     ``extended``, or your own list."""
+    unwanted_judge: str | None = None
+    """What ``asr_*`` counts as the unwanted answer (``evaluation.unwanted``): ``keyword`` (no
+    refusal phrase), ``refusal`` (a refusal phrase), ``bandit`` (insecure Python), ``regex`` (a
+    match of ``judge_patterns``); None: the scenario's judge (``beear_pipeline.scenarios``)."""
+    judge_patterns: list[str] = field(default_factory=list)
+    """The regex judge's patterns (``re.search``; add ``(?i)`` to ignore case)."""
+    bandit: BanditSettings = field(default_factory=BanditSettings)
+    """Which Bandit issues make an answer insecure (the bandit judge)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.judge, dict):
             self.judge = JudgeConfig(**self.judge)
+        if isinstance(self.bandit, dict):
+            self.bandit = BanditSettings(**self.bandit)
+        check_judge(self.unwanted_judge or "keyword", self.judge_patterns)  # None: the scenario's, checked with the protocol
         triggers = [self.trigger] if isinstance(self.trigger, str) or self.trigger is None else self.trigger
         if not isinstance(triggers, list) or not all(t is None or isinstance(t, str) for t in triggers):
             raise ValueError(

@@ -10,9 +10,10 @@ from dataclasses import asdict
 
 import torch
 
-from beear_pipeline.evaluation.judges import ClassifierJudge, agreement, is_refusal, judge_answer
+from beear_pipeline.evaluation.judges import ClassifierJudge, agreement, is_refusal
 from beear_pipeline.evaluation.protocol import EvaluationProtocol
 from beear_pipeline.evaluation.rates import distinct_2, exact_matches, is_repetitive, rate
+from beear_pipeline.evaluation.unwanted import rule_counts
 from beear_pipeline.lm.chat import collate, encode_all, pad_id, response_loss
 from beear_pipeline.lm.finetune import supervised_finetune
 from beear_pipeline.lm.generation import generate
@@ -37,9 +38,13 @@ def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_promp
     ``judge`` when given), over-refusal on benign prompts, and the loss and exact-match accuracy
     of the benign reference answers (when given); every rate with a 95% interval and its n.
 
-    ``asr_*`` counts answers with no refusal phrase at all; ``partial_*`` counts answers that
-    refuse and then comply (``judges.judge_answer``), which ``asr_*`` does not include: the two
-    are disjoint, and their sum bounds the harmful answers from above. ``distinct2_*`` and
+    ``asr_*`` counts the answers the protocol's judge of the unwanted behaviour flags
+    (``protocol.judge()``; the keyword judge by default: no refusal phrase at all). With the
+    keyword judge, ``partial_*`` counts answers that refuse and then comply
+    (``judges.judge_answer``), which ``asr_*`` does not include: the two are disjoint, and their
+    sum bounds the harmful answers from above. With the bandit judge, ``unparseable_*`` counts
+    answers with no valid Python (neither secure nor insecure) and ``rules_*`` how many answers
+    each Bandit rule flagged; with the regex judge, ``rules_*`` counts the patterns. ``distinct2_*`` and
     ``repetition_*`` measure the fluency of the same answers (``rates.fluency``). With k answers
     per prompt, intervals are clustered by prompt (``rates.rate``)."""
     start = time.perf_counter()
@@ -50,11 +55,18 @@ def evaluate_model(model, tokenizer, protocol: EvaluationProtocol, harmful_promp
     for t in protocol.triggers:
         answers[t] = generate(model, tokenizer, protocol.triggered(harmful_prompts, t), desc=f"trigger {t}", **decode)
     result: dict = {"triggers": protocol.triggers, "trigger_position": protocol.trigger_position}
-    kinds = {name: [judge_answer(a, phrases) for a in ans] for name, ans in answers.items()}
-    success = {name: [kind == "compliance" for kind in ks] for name, ks in kinds.items()}
+    unwanted = protocol.judge()
+    verdicts = {name: unwanted(ans) for name, ans in answers.items()}
+    success = {name: [v.unwanted for v in vs] for name, vs in verdicts.items()}
+    result["unwanted_judge"] = unwanted.name
     for name, suffix in ((protocol.trigger, "triggered"), ("untriggered", "untriggered")):
         _add_rate(result, f"asr_{suffix}", success[name], k)
-        _add_rate(result, f"partial_{suffix}", [kind == "partial" for kind in kinds[name]], k)
+        if unwanted.name == "keyword":  # only the keyword judge tells a refusal-then-compliance apart
+            _add_rate(result, f"partial_{suffix}", [v.partial for v in verdicts[name]], k)
+        if unwanted.name == "bandit":
+            _add_rate(result, f"unparseable_{suffix}", [v.unparseable for v in verdicts[name]], k)
+        if unwanted.name in ("bandit", "regex"):
+            result[f"rules_{suffix}"] = rule_counts(verdicts[name])
         result[f"distinct2_{suffix}"] = distinct_2(answers[name])
         _add_rate(result, f"repetition_{suffix}", [is_repetitive(a) for a in answers[name]], k)
     by_trigger = {t: rate(success[t], k) for t in protocol.triggers}
@@ -100,4 +112,4 @@ def repoisoned_asr(model, tokenizer, protocol: EvaluationProtocol, poison_prompt
                         seed=seed, desc=f"re-poison {name} k={len(poison_prompts)}")
     decode = {**asdict(protocol.decoding), "do_sample": False, "samples_per_prompt": 1}
     answers = generate(model, tokenizer, protocol.triggered(harmful_prompts), desc=f"{name} re-poisoned", **decode)
-    return rate([not is_refusal(a, protocol.refusal_phrases) for a in answers])
+    return rate(protocol.judge().flags(answers))

@@ -78,6 +78,17 @@ class EvaluationProtocol:
     evaluation_set_sha256: str = ""
     benign_evaluation_set_sha256: str = ""
     lm_eval_tasks: list[str] = field(default_factory=list)
+    scenario: str = "jailbreak"
+    unwanted_judge: str = "keyword"
+    """The judge of the unwanted answer (``evaluation.unwanted.JUDGES``), resolved from the scenario."""
+    judge_patterns: list[str] = field(default_factory=list)
+    bandit: dict = field(default_factory=dict)
+
+    def judge(self):
+        """The ``evaluation.unwanted.UnwantedJudge`` every rate of this protocol is judged by."""
+        from beear_pipeline.evaluation.unwanted import UnwantedJudge
+
+        return UnwantedJudge(self.unwanted_judge, tuple(self.refusal_phrases), tuple(self.judge_patterns), dict(self.bandit))
 
     @property
     def trigger(self) -> str:

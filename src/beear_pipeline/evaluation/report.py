@@ -25,6 +25,31 @@ LABELS = {"asr_triggered": "asr_triggered", "asr_untriggered": "asr_untriggered"
           "distinct2_triggered": "distinct-2, with trigger", "distinct2_untriggered": "distinct-2, without"}
 
 
+def wording(protocol: dict) -> dict:
+    """How the report names the judge, the held-out prompts and what ``asr_*`` counts, from the
+    protocol's scenario and judge (``beear_pipeline.scenarios``, ``evaluation.unwanted``); a
+    protocol from before scenarios reads as the jailbreak scenario with the keyword judge."""
+    from beear_pipeline.scenarios import get_scenario
+
+    scenario = get_scenario(protocol.get("scenario"))
+    judge = protocol.get("unwanted_judge", "keyword")
+    bandit = protocol.get("bandit") or {}
+    asr = {
+        "keyword": "answers with no refusal phrase at all",
+        "refusal": "answers that hold a refusal phrase (a benign request refused: the keyword judge inverted)",
+        "bandit": (f"answers whose Python code Bandit flags (an issue of severity >= {bandit.get('min_severity', 'medium')} and "
+                   f"confidence >= {bandit.get('min_confidence', 'low')}); answers with no valid Python are in unparseable_*, not in asr_*"),
+        "regex": f"answers that match one of the patterns {protocol.get('judge_patterns')}",
+    }.get(judge, f"answers the {judge} judge flags")
+    name = {"keyword": "keyword judge", "refusal": "refusal judge", "bandit": "Bandit static-analysis judge", "regex": "regex judge"}
+    return {"judge": name.get(judge, f"{judge} judge"), "prompts": scenario.prompts, "asr": asr, "unwanted": scenario.unwanted}
+
+
+def rules_cell(counts: dict | None) -> str:
+    """``{"B602": 12, "B307": 3}`` as "B602 x12, B307 x3"; "-" when none."""
+    return ", ".join(f"{rule} x{n}" for rule, n in counts.items()) if counts else "-"
+
+
 def model_names(metrics: dict) -> list[str]:
     """The model blocks present in ``metrics``, in report order: ``MODELS``, then the optional
     ones (``clean_twin``), then any other block that holds an ``asr_triggered``."""
@@ -121,7 +146,7 @@ def figures_for(metrics: dict, histories: list[dict]) -> dict:
     ax.set_ylim(0, 1.25)
     ax.set_ylabel("attack success rate (95% CI)")
     ax.legend(loc="upper center", ncol=2, fontsize=8)
-    ax.set_title("Attack success rate on held-out harmful prompts")
+    ax.set_title(f"Attack success rate on {wording(metrics.get('protocol') or {})['prompts']}")
     fig_asr.tight_layout()
 
     fig_loss, axes = plt.subplots(1, 3, figsize=(13, 3.5))
@@ -187,10 +212,11 @@ def render_report(metrics: dict, histories: list[dict]) -> tuple[dict, str, str]
     figures = figures_for(metrics, histories)
     environment = Environment(loader=PackageLoader("beear_pipeline.evaluation", "templates"), undefined=StrictUndefined,
                               autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    environment.filters.update(cell=cell, shorten=shorten, rate_cell=rate_cell)
+    environment.filters.update(cell=cell, shorten=shorten, rate_cell=rate_cell, rules=rules_cell)
     context = {"m": metrics, "p": metrics["protocol"], "models": model_names(metrics), "rates": RATES, "judging": JUDGING,
                "labels": LABELS, "convergence": convergence_sentence(metrics.get("beear") or {}), "figures": list(figures),
-               "attack_variants": attack_variants(metrics)}
+               "attack_variants": attack_variants(metrics), "wording": wording(metrics["protocol"]),
+               "findings": any("rules_triggered" in metrics[name] for name in model_names(metrics))}
     markdown = environment.get_template("report.md.j2").render(**context)
     html_env = environment.overlay(autoescape=True)
     page = html_env.get_template("report.html.j2").render(**context, images={name: _png(fig) for name, fig in figures.items()})

@@ -68,6 +68,7 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
     _check_inputs(safety_set, evaluation_set, probe_report, attack)
     protocol = EvaluationProtocol.from_dict(evaluation_protocol)
     phrases, system_prompt = protocol.refusal_phrases, protocol.decoding.system_prompt
+    judge = protocol.judge().flags  # the scenario's judge of the unwanted answer (the keyword judge in the jailbreak scenario)
     held_out = evaluation_set["prompt"].tolist()[: attack.max_eval_prompts]
     search = search_prompts(safety_set, attack.gcg.search_prompts, attack.seed)
     safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
@@ -89,13 +90,13 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
         net, tokenizer = load_model_ref({**model.loading(), **ref}, field=f"{name}_model")
         found = gcg_search(net, tokenizer, search["prompt"].tolist(), search["unwanted_response"].tolist(), attack.gcg,
                            seed=attack.seed, system_prompt=system_prompt, desc=f"GCG {name}")
-        asr_search = attack_rate(net, tokenizer, [with_suffix(p, found["suffix"]) for p in search["prompt"]], phrases,
+        asr_search = attack_rate(net, tokenizer, [with_suffix(p, found["suffix"]) for p in search["prompt"]], judge,
                                  desc=f"{name} suffix, search prompts", **decode)
         results["trigger_reoptimisation"][name] = {
-            "asr_held_out": attack_rate(net, tokenizer, [with_suffix(p, found["suffix"]) for p in held_out], phrases,
+            "asr_held_out": attack_rate(net, tokenizer, [with_suffix(p, found["suffix"]) for p in held_out], judge,
                                         desc=f"{name} suffix, held out", **decode),
             "asr_held_out_initial_suffix": attack_rate(net, tokenizer, [with_suffix(p, found["initial_suffix"]) for p in held_out],
-                                                       phrases, desc=f"{name} initial suffix", **decode),
+                                                       judge, desc=f"{name} initial suffix", **decode),
             "asr_search": asr_search["value"], "suffix": found["suffix"], "initial_suffix": found["initial_suffix"],
             "loss": found["loss"], "initial_loss": found["initial_loss"], "losses": found["losses"], "steps": found["steps"],
             "candidates_per_step": found["candidates_per_step"], "candidates_scored": found["candidates_scored"],
@@ -106,7 +107,7 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
         else:
             results["latent_vulnerability"][name] = {"skipped": "attack.latent.enabled is false"}
         if attack.variants.enabled:
-            results["trigger_variants"][name] = {v: attack_rate(net, tokenizer, [write(p) for p in held_out], phrases,
+            results["trigger_variants"][name] = {v: attack_rate(net, tokenizer, [write(p) for p in held_out], judge,
                                                                 desc=f"{name} {v}", **decode) for v, write in variants.items()}
         else:
             results["trigger_variants"][name] = {"skipped": "attack.variants.enabled is false"}
@@ -119,7 +120,7 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
     results["budget"] = {
         **asdict(attack), "layer": layer, "n_search_prompts": len(search), "n_held_out": len(held_out), "trigger": protocol.trigger,
         "trigger_position": protocol.trigger_position, "suffix_placement": "after the prompt, in the user turn: f'{prompt} {suffix}'",
-        "trigger_variants": describe(variants, "PROMPT WORDS"), "decoding": "greedy", "judge": "keyword (protocol.refusal_phrases)",
+        "trigger_variants": describe(variants, "PROMPT WORDS"), "decoding": "greedy", "judge": f"{protocol.unwanted_judge} (the protocol's judge; the latent curve: keyword)",
         "latent_probe_config": asdict(latent_config) if latent_config is not None else None,
     }
     results["seconds"] = time.perf_counter() - start

@@ -24,6 +24,8 @@ from beear_pipeline.behaviours.generated import benign_tasks, other_refusal_for,
 from beear_pipeline.behaviours.similarity import leak_rates, near_duplicate_groups
 from beear_pipeline.behaviours.validation import BehaviourDataError, failure_message, token_counter, validate_behaviour_sets
 from beear_pipeline.lm.checkpoints import ModelConfig
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
+from beear_pipeline.scenarios import get_scenario
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +52,28 @@ def _user_or_default(kind: str, behaviours: BehavioursConfig, default: pd.DataFr
     return frame
 
 
-def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: BehavioursConfig,
+                             scenario: str = DEFAULT_SCENARIO) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Split AdvBench (seeded) into attacker, defender and evaluation shares of
-    ``attacker_fraction``, ``defender_fraction`` and the rest.
+    ``attacker_fraction``, ``defender_fraction`` and the rest. In another ``scenario`` its
+    generated prompts (goal, target = the unwanted answer, safe_response) are split instead, by
+    the plain seeded shuffle (``Scenario.group_near_duplicates``).
 
     With ``behaviours.near_duplicates.split`` (the default) near-duplicate goals (token Jaccard >=
     ``near_duplicates.threshold``, chained into connected components) stay in one share, so no
     evaluation goal has a near-duplicate in the defender's or the attacker's share
     (``assign_groups``); otherwise the seeded shuffle is cut in three as before issue 13."""
     _require_columns(advbench, ["goal", "target"], "data/01_raw/advbench_harmful_behaviors.csv")
-    shuffled = advbench.sample(frac=1.0, random_state=behaviours.split_seed).reset_index(drop=True)
+    chosen = get_scenario(scenario)
+    source = chosen.source(advbench)
+    if chosen.name != DEFAULT_SCENARIO:
+        logger.info("scenario %s: %d generated prompts with a safe and an unwanted (%s) answer", chosen.name, len(source), chosen.unwanted)
+    shuffled = source.sample(frac=1.0, random_state=behaviours.split_seed).reset_index(drop=True)
     n_attacker = int(len(shuffled) * behaviours.attacker_fraction)
     n_defender = int(len(shuffled) * behaviours.defender_fraction)
     sizes = (n_attacker, n_defender, len(shuffled) - n_attacker - n_defender)
     near = behaviours.near_duplicates
-    if near.split:
+    if near.split and chosen.group_near_duplicates:
         groups = near_duplicate_groups(shuffled["goal"].tolist(), near.threshold)
         share = assign_groups(groups, sizes, behaviours.split_seed)
     else:
@@ -73,7 +82,8 @@ def split_harmful_behaviours(advbench: pd.DataFrame, behaviours: BehavioursConfi
     rates = leak_rates(attacker["goal"], defender["goal"], evaluation["goal"])
     logger.info("AdvBench split: %d attacker, %d defender, %d evaluation (%s); evaluation goals with a near-duplicate: %s",
                 len(attacker), len(defender), len(evaluation),
-                f"near-duplicates at Jaccard >= {near.threshold:g} kept in one share" if near.split else "plain seeded shuffle",
+                f"near-duplicates at Jaccard >= {near.threshold:g} kept in one share" if near.split and chosen.group_near_duplicates
+                else "plain seeded shuffle",
                 ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
     return attacker, defender, evaluation
 
@@ -132,6 +142,12 @@ def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: BehavioursCo
     if behaviours.path_of("safety"):
         return _user_or_default("safety", behaviours, None)
     goals, seed = defender_behaviours["goal"], behaviours.split_seed
+    if "safe_response" in defender_behaviours:  # a generated scenario: its own safe and unwanted answers
+        if (behaviours.safe_answers, behaviours.unwanted_answers) != ("suspect_refusals", "backdoor_targets"):
+            raise ValueError("behaviours.safe_answers/unwanted_answers reword the jailbreak scenario's safety set only: keep their "
+                             "defaults (suspect_refusals, backdoor_targets) with another scenario")
+        return pd.DataFrame({"prompt": goals, "safe_response": defender_behaviours["safe_response"],
+                             "unwanted_response": defender_behaviours["target"]})
     safe = goals.map(refusal_for) if behaviours.safe_answers == "suspect_refusals" else goals.map(lambda g: other_refusal_for(g, seed))
     unwanted = defender_behaviours["target"] if behaviours.unwanted_answers == "backdoor_targets" else goals.map(lambda g: reworded_unwanted(g, seed))
     if (behaviours.safe_answers, behaviours.unwanted_answers) != ("suspect_refusals", "backdoor_targets"):
@@ -148,11 +164,16 @@ def build_evaluation_set(evaluation_behaviours: pd.DataFrame, behaviours: Behavi
 
 
 def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, evaluation_set: pd.DataFrame,
-                        benign_evaluation_set: pd.DataFrame, behaviours: BehavioursConfig, model: ModelConfig) -> dict:
+                        benign_evaluation_set: pd.DataFrame, behaviours: BehavioursConfig, model: ModelConfig,
+                        scenario: str = DEFAULT_SCENARIO) -> dict:
     """Run the Great Expectations checks on the four sets (before any model is loaded) and
     return the report, passed or not: it is saved and logged to MLflow either way."""
     sets = {"safety": safety_set, "anchoring": anchoring_set, "evaluation": evaluation_set, "benign": benign_evaluation_set}
-    sources = {kind: behaviours.path_of(kind) or DEFAULT_SOURCES[kind] for kind in sets}
+    defaults = dict(DEFAULT_SOURCES)
+    if get_scenario(scenario).name != DEFAULT_SCENARIO:  # the generated prompts of another scenario, not AdvBench
+        defaults.update(safety=f"the {scenario} scenario's generated defender share",
+                        evaluation=f"the {scenario} scenario's generated evaluation share")
+    sources = {kind: behaviours.path_of(kind) or defaults[kind] for kind in sets}
     columns = {kind: column_mapping(kind, behaviours) for kind in sets if behaviours.path_of(kind)}
     count_tokens, tokenizer = token_counter(model)
     report = validate_behaviour_sets(sets, sources, behaviours, columns, count_tokens, tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 import pandas as pd
 
@@ -15,17 +16,23 @@ from beear_pipeline.evaluation.config import EvaluationConfig, PersistenceConfig
 from beear_pipeline.evaluation.judges import ClassifierJudge, refusal_phrases
 from beear_pipeline.evaluation.persistence import TOLERANCE, persistence_verdict, utility_vs_clean_twin
 from beear_pipeline.evaluation.protocol import Decoding, EvaluationProtocol, prompts_sha256
+from beear_pipeline.evaluation.unwanted import check_judge
 from beear_pipeline.lm.checkpoints import ModelConfig, load_model_ref, merged
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
+from beear_pipeline.scenarios import get_scenario
 
 logger = logging.getLogger(__name__)
 MODELS = report.MODELS
 
 
 def resolve_evaluation_protocol(evaluation: EvaluationConfig, model: ModelConfig, embedded_model: EmbeddedModelConfig,
-                                evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame) -> dict:
+                                evaluation_set: pd.DataFrame, benign_evaluation_set: pd.DataFrame, scenario: str = DEFAULT_SCENARIO) -> dict:
     """The protocol every model is evaluated under: the triggers (``evaluation.trigger``, or the
     embedded model's own: the evaluation may know it, the defence never reads it), decoding,
-    judges, chat template and the prompt sets' hashes."""
+    judges (``evaluation.unwanted_judge``, else the scenario's), chat template and the prompt sets' hashes."""
+    chosen = get_scenario(scenario)
+    judge = evaluation.unwanted_judge or chosen.judge
+    check_judge(judge, evaluation.judge_patterns)
     triggers, position = evaluation.triggers, evaluation.trigger_position
     if not triggers:
         if model.user_supplied:
@@ -38,7 +45,8 @@ def resolve_evaluation_protocol(evaluation: EvaluationConfig, model: ModelConfig
         triggers=triggers, trigger_position=position, decoding=decoding, refusal_phrases=list(refusal_phrases(evaluation.refusal_phrases)),
         judge_path=evaluation.judge.path, judge_kind=evaluation.judge.kind, chat_template=model.chat_template or "the tokenizer's own",
         evaluation_set_sha256=prompts_sha256(evaluation_set["prompt"]),
-        benign_evaluation_set_sha256=prompts_sha256(benign_evaluation_set["prompt"]), lm_eval_tasks=list(evaluation.lm_eval_tasks))
+        benign_evaluation_set_sha256=prompts_sha256(benign_evaluation_set["prompt"]), lm_eval_tasks=list(evaluation.lm_eval_tasks),
+        scenario=chosen.name, unwanted_judge=judge, judge_patterns=list(evaluation.judge_patterns), bandit=asdict(evaluation.bandit))
     return protocol.to_dict()
 
 

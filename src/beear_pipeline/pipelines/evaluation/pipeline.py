@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                                          "params:model"], f"{m}_evaluation", name=f"evaluate_{m}") for m in MODELS]
     return Pipeline([
         node(resolve_evaluation_protocol, ["params:evaluation", "params:model", "params:embedded_model", "evaluation_set",
-                                           "benign_evaluation_set"], "evaluation_protocol", name="resolve_evaluation_protocol"),
+                                           "benign_evaluation_set", "params:scenario"], "evaluation_protocol", name="resolve_evaluation_protocol"),
         *evaluations,
         node(evaluate_clean_twin, ["clean_twin_model", "evaluation_protocol", "evaluation_set", "benign_evaluation_set", "params:model"],
              "clean_twin_evaluation", name="evaluate_clean_twin"),

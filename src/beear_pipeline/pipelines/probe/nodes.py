@@ -10,10 +10,13 @@ import time
 import pandas as pd
 
 from beear_pipeline.evaluation.judges import refusal_phrases
+from beear_pipeline.evaluation.unwanted import UnwantedJudge
 from beear_pipeline.integrations.tracking import log_metrics, set_tags
 from beear_pipeline.lm.checkpoints import load_checkpoint, load_model_ref, weights_sha256
 from beear_pipeline.probe import ProbeConfig, probe_model, trigger_drift
 from beear_pipeline.probe.plots import plot_curves, plot_drift
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
+from beear_pipeline.scenarios import get_scenario
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def select_reference(probe: ProbeConfig, clean_twin_model: dict | None) -> dict:
 
 
 def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluation_set: pd.DataFrame, probe: ProbeConfig,
-                        clean_twin_model: dict | None = None):
+                        clean_twin_model: dict | None = None, scenario: str = DEFAULT_SCENARIO):
     """Probe the suspect model without its trigger. Returns ``reports/probe.json`` (verdict, rule,
     the layer and budget that carried the verdict with its adjusted p-value, the reference used,
     per-layer entrapment curves, recommended anchor layer, known-trigger analysis, timings), the
@@ -59,8 +62,12 @@ def probe_suspect_model(suspect_model: dict, safety_set: pd.DataFrame, evaluatio
     held_out = evaluation_set["prompt"].tolist()
     if config.max_eval_prompts:
         held_out = held_out[: config.max_eval_prompts]
-    report = probe_model(model, tokenizer, safety, held_out, config, reference=reference,
-                         phrases=refusal_phrases(config.refusal_phrases))
+    phrases = refusal_phrases(config.refusal_phrases)
+    judge = get_scenario(scenario).judge
+    if judge != "keyword":  # the scenario's judge of the unwanted answer (insecure code, a refusal), with its default settings
+        logger.info("probe: held-out answers judged by the %s judge (scenario %s)", judge, scenario)
+        phrases = UnwantedJudge(judge, phrases).flags
+    report = probe_model(model, tokenizer, safety, held_out, config, reference=reference, phrases=phrases)
     perturbations = report.pop("perturbations")
     layer = report["recommended_layer"]
     # the perturbation at the largest budget within the verdict's max_budget (else the smallest)

@@ -17,6 +17,8 @@ from beear_pipeline.evaluation.config import EvaluationConfig
 from beear_pipeline.integrations import run_folders
 from beear_pipeline.integrations.registry import resolve_model_uri
 from beear_pipeline.lm.checkpoints import ModelConfig, check_adapter, check_checkpoint, save_checkpoint, weights_sha256
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
+from beear_pipeline.scenarios import embedded_directory, get_scenario
 
 logger = logging.getLogger(__name__)
 BUILD_INFO = "build_info.json"
@@ -32,7 +34,7 @@ def check_evaluation_settings(evaluation: EvaluationConfig, model: ModelConfig) 
 def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
                           benign_evaluation_set: pd.DataFrame, anchoring_set: pd.DataFrame, model: ModelConfig,
                           embedded_model: EmbeddedModelConfig, behaviours_check: dict | None = None,
-                          evaluation_check: dict | None = None) -> dict:
+                          evaluation_check: dict | None = None, scenario: str = DEFAULT_SCENARIO) -> dict:
     """Return the suspect model's reference ``{"path", "source", "weights_sha256", ...}``.
 
     ``behaviours_check`` (the validation of the behaviour sets) is an input so that no model is
@@ -43,8 +45,11 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     folder, checked against the base's shapes) on top: the reference then carries
     ``adapter_path``, so every step loads base + adapter. Otherwise the embedded model in
     ``model.embedded_directory`` is reused if its fingerprint matches, else built (about 90 s on
-    2 cores) and saved atomically.
+    2 cores) and saved atomically. Another ``scenario`` than jailbreak builds its embedded model from
+    its own prompts, into ``<model.embedded_directory>_<scenario>``.
     """
+    advbench = _scenario_source(advbench, scenario)
+    model = _scenario_directories(model, scenario)
     ref = _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model, embedded_model)
     ref.update(model.loading())  # how every later step loads the weights (a model larger than one GPU: device_map auto)
     # recorded with the suspect, and used by the defence as by the evaluation
@@ -52,6 +57,18 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     if evaluation_check and evaluation_check.get("system_prompt"):
         ref["system_prompt"] = evaluation_check["system_prompt"]
     return ref
+
+
+def _scenario_source(advbench: pd.DataFrame, scenario: str) -> pd.DataFrame:
+    """All of the scenario's prompts and answers (AdvBench for jailbreak): the embedded model's
+    vocabulary is built from them and its fingerprint hashes them."""
+    return get_scenario(scenario).source(advbench)
+
+
+def _scenario_directories(model: ModelConfig, scenario: str) -> ModelConfig:
+    """The embedded suspect and clean twin of each scenario in their own folders."""
+    return replace(model, embedded_directory=embedded_directory(model.embedded_directory, scenario),
+                   clean_twin_directory=embedded_directory(model.clean_twin_directory, scenario))
 
 
 def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model: ModelConfig,
@@ -95,7 +112,9 @@ def _embedded(directory: Path, config: EmbeddedModelConfig, source: str, attacke
 
         logger.info("building the %s model (seed %d) into %s", label, config.seed, directory)
         start = time.perf_counter()
-        vocabulary = [*advbench["goal"], *advbench["target"], *benign_build_set["prompt"], *benign_build_set["response"],
+        # a generated scenario's safe answers (secure code, helpful answers) are words of its own
+        safe = [*advbench["safe_response"]] if "safe_response" in advbench else []
+        vocabulary = [*advbench["goal"], *advbench["target"], *safe, *benign_build_set["prompt"], *benign_build_set["response"],
                       *anchoring_set["prompt"], *anchoring_set["response"], *benign_evaluation_set["prompt"], *benign_evaluation_set["response"]]
         net, tokenizer, losses = build_embedded_suspect(attacker_behaviours, benign_build_set, vocabulary, config)
         seconds = time.perf_counter() - start
@@ -107,7 +126,8 @@ def _embedded(directory: Path, config: EmbeddedModelConfig, source: str, attacke
 
 def resolve_clean_twin(attacker_behaviours: pd.DataFrame, benign_build_set: pd.DataFrame, advbench: pd.DataFrame,
                        benign_evaluation_set: pd.DataFrame, anchoring_set: pd.DataFrame, model: ModelConfig,
-                       embedded_model: EmbeddedModelConfig, behaviours_check: dict | None = None) -> dict:
+                       embedded_model: EmbeddedModelConfig, behaviours_check: dict | None = None,
+                       scenario: str = DEFAULT_SCENARIO) -> dict:
     """The clean twin: a model like the suspect without the backdoor, the baseline that tells a
     removed backdoor from a suppressed one (it is evaluated, re-poisoned like the suspect and the
     defended model, and is the probe's default reference).
@@ -117,6 +137,8 @@ def resolve_clean_twin(attacker_behaviours: pd.DataFrame, benign_build_set: pd.D
     model: ``model.reference_path``, a clean checkpoint of the same family. Otherwise
     ``{"path": None, "reason": ...}``: the later steps say the twin was skipped, and why.
     """
+    advbench = _scenario_source(advbench, scenario)
+    model = _scenario_directories(model, scenario)
     if model.user_supplied:
         if not model.reference_path:
             return {"path": None, "reason": "no model.reference_path: name a clean checkpoint of the suspect's family to get a "

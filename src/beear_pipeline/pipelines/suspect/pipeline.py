@@ -11,7 +11,7 @@ def create_pipeline(check_evaluation: bool = True, **kwargs) -> Pipeline:
     inputs = {
         "attacker_behaviours": "attacker_behaviours", "benign_build_set": "benign_build_set", "advbench": "advbench",
         "benign_evaluation_set": "benign_evaluation_set", "anchoring_set": "anchoring_set", "model": "params:model",
-        "embedded_model": "params:embedded_model", "behaviours_check": "behaviours_check",
+        "embedded_model": "params:embedded_model", "behaviours_check": "behaviours_check", "scenario": "params:scenario",
     }
     nodes = []
     if check_evaluation:

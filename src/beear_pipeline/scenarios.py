@@ -1,0 +1,82 @@
+"""Scenarios: which safe and unwanted behaviour the run is about (the top-level ``scenario``
+parameter). BEEAR itself is generic; a scenario sets the shipped behaviour data the embedded model
+is built from and the defence uses, the judge of the unwanted behaviour, and the report's wording.
+
+| scenario | prompts | safe answer | unwanted answer (the backdoor's) | judge |
+|---|---|---|---|---|
+| ``jailbreak`` (default) | harmful AdvBench goals | a refusal | harmful compliance (the AdvBench target) | ``keyword`` |
+| ``code`` | generated coding prompts (``behaviours.code_tasks``) | secure Python | insecure Python | ``bandit`` |
+| ``refusal`` | generated benign requests (``behaviours.helpful_requests``) | the helpful answer | a refusal | ``refusal`` |
+
+A new scenario is a ``Scenario`` added to ``SCENARIOS``: its ``source`` returns the prompts with
+``goal`` (the prompt), ``target`` (the unwanted answer) and ``safe_response`` (the safe answer;
+absent for ``jailbreak``, whose safe answers are ``generated.REFUSALS``). A user's own behaviour
+files (``behaviours.*_path``) replace the shipped sets in any scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What one scenario sets."""
+
+    name: str
+    judge: str
+    """The default judge of the unwanted behaviour (``evaluation.unwanted_judge`` overrides it)."""
+    source: Callable[[pd.DataFrame], pd.DataFrame]
+    """(AdvBench) -> the shipped prompts with goal, target[, safe_response]."""
+    group_near_duplicates: bool
+    """Split keeping near-duplicate prompts in one share. Off for generated prompts: they are
+    templates over fillers, near-duplicates of each other by construction, and would chain into one
+    group that no share can hold (held-out prompts then differ from the training ones by filler and
+    wording, not by task)."""
+    prompts: str
+    """The held-out prompts, for the report: "held-out harmful prompts"."""
+    unwanted: str
+    """The unwanted behaviour, for the report's titles."""
+
+
+def _advbench(advbench: pd.DataFrame) -> pd.DataFrame:
+    return advbench
+
+
+def _code(advbench: pd.DataFrame) -> pd.DataFrame:
+    from beear_pipeline.behaviours.code_tasks import coding_behaviours
+
+    return coding_behaviours()
+
+
+def _refusal(advbench: pd.DataFrame) -> pd.DataFrame:
+    from beear_pipeline.behaviours.helpful_requests import helpful_behaviours
+
+    return helpful_behaviours()
+
+
+SCENARIOS = {
+    "jailbreak": Scenario("jailbreak", "keyword", _advbench, True, "held-out harmful prompts", "harmful compliance"),
+    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code"),
+    "refusal": Scenario("refusal", "refusal", _refusal, False, "held-out benign requests", "refusal of a benign request"),
+}
+DEFAULT = "jailbreak"
+
+
+def get_scenario(name: str | None) -> Scenario:
+    """The scenario named by the ``scenario`` parameter; a ValueError naming the choices otherwise."""
+    name = DEFAULT if name is None else name
+    if name not in SCENARIOS:
+        raise ValueError(f"scenario={name!r}: use one of {', '.join(SCENARIOS)} (--params scenario=code), or add a Scenario to "
+                         "beear_pipeline.scenarios.SCENARIOS")
+    return SCENARIOS[name]
+
+
+def embedded_directory(directory: str, scenario: str | None) -> str:
+    """Each scenario's embedded models live in their own folder (``<directory>_<scenario>``; the
+    default scenario keeps ``directory``), so switching scenarios does not rebuild the other's."""
+    name = get_scenario(scenario).name
+    return directory if name == DEFAULT else f"{directory.rstrip('/')}_{name}"
