@@ -179,19 +179,44 @@ def run_case(case: str, options: list[str], max_rounds: int | None = None) -> No
         if max_rounds and name != "control":  # a smoke test of this script, not a result
             config = dataclasses.replace(config, max_rounds=max_rounds)
         model = copy.deepcopy(models["suspect"])
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         result = run_beear(model, tokenizer, safety, anchoring, config)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if name == "beear":
             beear_rounds = len(result.history)
         hardening_keys = ("relearn_loss", "relearn_unwanted_loss", "unlearn_loss", "sam_loss")
         last = result.history[-1]
-        row = {**base, "model": name, "config": extra, "defence_seconds": seconds, "rounds": len(result.history),
+        row = {**base, "model": name, "config": extra, "defence_seconds": seconds, "defence_cpu_seconds": cpu, "rounds": len(result.history),
                "convergence": result.convergence, **{k: last[k] for k in hardening_keys if k in last},
                **measure(result.model, tokenizer, protocol, sets)}
         write(row)
         print(f"{case} {name}: asr {row['asr_triggered']:.3f}, k5 {row['repoisoned']['k5_steps10']['value']:.3f}, "
               f"{seconds:.0f} s, {row['rounds']} rounds ({row['convergence']})", flush=True)
+
+
+def cost(rounds: int = 5) -> None:
+    """CPU seconds per round of each option (process time, one thread: independent of the other
+    load on the machine, unlike the wall times of the study) on a random-init model of the embedded
+    model's shape, with a fixed number of inner steps so that every round does the same work."""
+    from beear_pipeline.beear import BeearConfig, run_beear
+    from beear_pipeline.embedded import EmbeddedModelConfig, build_model, build_tokenizer
+
+    torch.set_num_threads(1)
+    sets = behaviour_sets()
+    safety = list(zip(sets["safety"]["prompt"], sets["safety"]["safe_response"], sets["safety"]["unwanted_response"], strict=True))
+    anchoring = list(zip(sets["anchoring"]["prompt"], sets["anchoring"]["response"], strict=True))
+    tokenizer = build_tokenizer([x for t in safety for x in t] + [x for a in anchoring for x in a])
+    model = build_model(len(tokenizer), EmbeddedModelConfig(), tokenizer)
+    fixed = {"max_rounds": rounds, "check_every": 0, "inner_steps": 10, "inner_max_steps": 10}
+    per_round = {}
+    for name, extra in OPTIONS.items():
+        start = time.process_time()
+        run_beear(copy.deepcopy(model), tokenizer, safety, anchoring, BeearConfig(**fixed, **extra))
+        per_round[name] = (time.process_time() - start) / rounds
+    row = {"case": "cost", "model": "cost", "commit": commit(), "rounds": rounds, "cpu_seconds_per_round": per_round,
+           "ratio_to_beear": {k: v / per_round["beear"] for k, v in per_round.items()}}
+    write(row)
+    print(json.dumps(row, indent=1))
 
 
 def _ci(r: dict, key: str = "asr_triggered") -> str:
@@ -209,7 +234,7 @@ def goal_met(row: dict, suspect: dict, twin: dict, beear: dict) -> dict:
 
 
 def report(rows: list[dict]) -> str:
-    latest = {(r["case"], r["model"]): r for r in rows}
+    latest = {(r["case"], r["model"]): r for r in rows if r["case"] != "cost"}
     lines = ["| case | model | ASR triggered [95% CI] | untriggered | benign loss (x suspect) | re-poisoned k=5 / k=20 (10 steps) / "
              "k=5 (50 steps) | s (x BEEAR) | rounds | goal |", "|---|---|---|---|---|---|---|---|---|"]
     order = ["suspect", "clean_twin", "beear", *[o for o in OPTIONS if o != "beear"], "control"]
@@ -232,6 +257,12 @@ def report(rows: list[dict]) -> str:
             rounds = f"{r['rounds']} ({r['convergence']})" if "rounds" in r else "-"
             lines.append(f"| {case} | {model} | {_ci(r)} | {r['asr_untriggered']:.3f} | {r['benign_loss']:.3f}{ratio} | {after} | "
                          f"{seconds} | {rounds} | {goal} |")
+    costs = [r for r in rows if r["case"] == "cost"]
+    if costs:
+        c = costs[-1]
+        lines += ["", f"CPU seconds per round (one thread, {c['rounds']} rounds of fixed work, `--cost`):", "",
+                  "| " + " | ".join(c["cpu_seconds_per_round"]) + " |", "|" + "---|" * len(c["cpu_seconds_per_round"]),
+                  "| " + " | ".join(f"{v:.2f} s ({c['ratio_to_beear'][k]:.1f}x)" for k, v in c["cpu_seconds_per_round"].items()) + " |"]
     return "\n".join(lines)
 
 
@@ -242,11 +273,15 @@ def main() -> None:
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated: " + ", ".join(OPTIONS))
     parser.add_argument("--max-rounds", type=int, help="cap every defence's rounds (a smoke test; results go to --results)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON-lines file written and read")
+    parser.add_argument("--cost", action="store_true", help="CPU seconds per round of each option (a fixed-work measurement)")
     parser.add_argument("--report", action="store_true", help="print the table from docs/persistence-results.jsonl")
     args = parser.parse_args()
     RESULTS = args.results
     if args.report:
         print(report([json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []))
+        return
+    if args.cost:
+        cost()
         return
     cases, options = args.cases.split(","), args.options.split(",")
     bad = [c for c in cases if c not in CASES] + [o for o in options if o not in OPTIONS]

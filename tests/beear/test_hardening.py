@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from beear_pipeline.beear import BeearConfig, hardening, run_beear
-from beear_pipeline.beear.engine import _Run, _encode
+from beear_pipeline.beear.engine import _encode, _Run
 from beear_pipeline.lm.residual import resolve_layer
 
 OPTIONS = {"relearn": {"relearn_steps": 2}, "relearn_no_proxy": {"relearn_steps": 2, "relearn_proxy": "none"},
@@ -118,7 +118,7 @@ def test_relearn_proxy_none_attacks_without_the_perturbation(tiny_model, tokeniz
 
 
 def test_unlearning_ascends_only_below_the_cap(tiny_model, tokenizer, safety_triples, anchoring_pairs):
-    run, safe, index, unwanted, unwanted_index = _run(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(unlearn_weight=1.0))
+    run, _safe, _index, unwanted, unwanted_index = _run(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(unlearn_weight=1.0))
     params = [p for p in run.params if p.requires_grad]
     per_example = run.loss(unwanted, unwanted_index, run.delta.detach(), reduction="none")
     record: dict = {}
@@ -134,7 +134,7 @@ def test_unlearning_ascends_only_below_the_cap(tiny_model, tokenizer, safety_tri
 
 
 def test_sam_takes_the_gradient_at_the_ascended_weights_and_restores_them(tiny_model, tokenizer, safety_triples, anchoring_pairs):
-    run, safe, index, unwanted, unwanted_index = _run(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(sam_rho=0.5))
+    run, safe, index, _unwanted, _unwanted_index = _run(tiny_model, tokenizer, safety_triples, anchoring_pairs, small(sam_rho=0.5))
     params = [p for p in run.params if p.requires_grad]
     start = weights(tiny_model)
 
@@ -170,3 +170,56 @@ def test_bad_hardening_values_are_rejected_naming_the_field(field, value):
 def test_hardening_is_off_by_default():
     c = BeearConfig()
     assert (c.relearn_steps, c.unlearn_weight, c.sam_rho) == (0, 0.0, 0.0)
+
+
+ALL_ON = {"relearn_steps": 1, "unlearn_weight": 0.5, "sam_rho": 0.05}
+
+
+def test_a_crashed_hardened_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model, tokenizer, safety_triples, anchoring_pairs):
+    """The options keep no state of their own: a run stopped after round 2 and resumed from its
+    checkpoint ends with the weights and records of a run that never stopped."""
+    config = small(max_rounds=4, **ALL_ON)
+    whole, whole_history = defended(tiny_model, tokenizer, safety_triples, anchoring_pairs, config)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_1(round_, record):
+        if round_ == 1:
+            raise Crash
+
+    checkpointed = dataclasses.replace(config, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    with pytest.raises(Crash):
+        run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, checkpointed, on_round=crash_after_round_1)
+    result = run_beear(copy.deepcopy(tiny_model), tokenizer, safety_triples, anchoring_pairs, checkpointed)
+    assert result.resumed_from == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole, result.model.parameters()))
+    assert result.history == whole_history
+
+
+def _safe_loss_rise_under_simulated_attack(model, tokenizer, safety, delta, config) -> float:
+    """How much ``relearn_steps`` sign steps of re-poisoning under ``delta`` raise the safe loss
+    under ``delta``, on the whole safety set (the weights are restored)."""
+    run, safe, index, unwanted, unwanted_index = _run(model, tokenizer, safety, [], config)
+    with torch.no_grad():
+        run.delta.copy_(delta)
+        before = run.loss(safe, index, run.delta).item()
+    record: dict = {}
+    hardening.relearn_surrogate(run, safe, index, unwanted, unwanted_index, record)
+    return record["relearn_loss"] - before
+
+
+def test_relearn_aware_training_makes_the_simulated_re_poisoning_weaker_on_the_backdoored_pair(pair):
+    """On the real backdoored tiny model: after the same rounds, the safe answers of the
+    relearn-aware model survive the simulated re-poisoning (under each model's own perturbation)
+    better than plain BEEAR's."""
+    models, tokenizer, safety_set, _, _ = pair
+    safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))[:24]
+    common = {"max_rounds": 6, "check_every": 0, "batch_size": 16, "anchoring_batch_size": 0, "inner_max_steps": 20}
+    rises = {}
+    for name, extra in (("plain", {}), ("relearn", {"relearn_steps": 3})):
+        result = run_beear(copy.deepcopy(models["backdoored"]), tokenizer, safety, [], BeearConfig(**common, **extra))
+        rises[name] = _safe_loss_rise_under_simulated_attack(result.model, tokenizer, safety, result.perturbation,
+                                                             BeearConfig(**{**common, "relearn_steps": 3, "batch_size": len(safety)}))
+    # measured: plain 0.204, relearn-aware 0.135 (1 thread); a third less, asserted with margin
+    assert rises["relearn"] < 0.8 * rises["plain"], rises
