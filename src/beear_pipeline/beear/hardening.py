@@ -81,9 +81,11 @@ def extra_loss(run, safe, index, unwanted, unwanted_index, record: dict) -> torc
     all are off (the outer step is then exactly plain BEEAR's)."""
     config = run.config
     terms = []
-    if config.relearn_steps and config.relearn_weight:  # first: its simulated attack changes the weights in place (and back),
-        terms.append(config.relearn_weight * relearn_surrogate(run, safe, index, unwanted, unwanted_index, record))  # which
-    if config.unlearn_weight:  # would invalidate any graph built before it
+    # the relearn term first: its simulated attack changes the weights in place (and back), which
+    # would invalidate any autograd graph built before it
+    if config.relearn_steps and config.relearn_weight:
+        terms.append(config.relearn_weight * relearn_surrogate(run, safe, index, unwanted, unwanted_index, record))
+    if config.unlearn_weight:
         terms.append(config.unlearn_weight * unlearn_term(run, unwanted, unwanted_index, record))
     return sum(terms) if terms else None
 
