@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-# (file, line as it is, the broken line, the test (-k) that must turn red)
+# (file, line as it is, the broken line, the test (-k) that must turn red[, its test file; default test_method.py])
 MUT = [
  ("src/beear_pipeline/beear/entrapment.py", "    return unwanted_loss - away_weight * safe_loss.clamp(max=away_cap)", "    return -(unwanted_loss - away_weight * safe_loss.clamp(max=away_cap))", "test_inner_level_moves"),
  ("src/beear_pipeline/beear/entrapment.py", "    return unwanted_loss - away_weight * safe_loss.clamp(max=away_cap)", "    return unwanted_loss + away_weight * safe_loss.clamp(max=away_cap)", "test_inner_objective"),
@@ -20,16 +20,26 @@ MUT = [
  ("src/beear_pipeline/lm/chat.py", "    logits, labels = logits[:, :-1].float(), batch.labels[:, 1:].to(logits.device)", "    logits, labels = logits[:, :-1].float(), torch.roll(batch.labels, -1, 1)[:, 1:].to(logits.device)", "test_response_loss"),
  ("src/beear_pipeline/beear/engine.py", "        self.outer_opt.load_state_dict(state[\"outer_opt\"])", "        pass", "test_a_crash_after"),
  ("src/beear_pipeline/evaluation/evaluate.py", "    success = {name: [not is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}", "    success = {name: [is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}", "test_evaluate_model_counts"),
+ # issue 14: the hardening options (tests/beear/test_hardening.py)
+ ("src/beear_pipeline/beear/hardening.py", "p.sub_(g.sign(), alpha=config.relearn_lr)", "p.add_(g.sign(), alpha=config.relearn_lr)", "test_relearn_term", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/hardening.py", "proxy = run.delta.detach() if config.relearn_proxy == \"perturbation\" else None", "proxy = None", "test_relearn_proxy", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/hardening.py", "return -per_example.clamp(max=config.unlearn_cap).mean()", "return -per_example.mean()", "test_unlearning", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/hardening.py", "p.add_(g.to(p.dtype), alpha=rho / (norm + 1e-12))", "p.sub_(g.to(p.dtype), alpha=rho / (norm + 1e-12))", "test_sam_takes", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/hardening.py", "    record.update(at_start)\n", "\n", "test_each_option and sam", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/hardening.py", "    if config.unlearn_weight:", "    if True:", "test_switched_off", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/engine.py", "        extra = hardening.extra_loss(run, safe, index, unwanted, unwanted_index, record)", "        extra = None", "test_each_option", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/engine.py", "    with hardening.sharpness_aware(run, objective, record):", "    with nullcontext():", "test_each_option", "tests/beear/test_hardening.py"),
+ ("src/beear_pipeline/beear/config.py", "(_non_negative(self.sam_rho), \"sam_rho\"", "(True, \"sam_rho\"", "test_bad_hardening", "tests/beear/test_hardening.py"),
 ]
 failures = 0
-for path, old, new, test in MUT:
+for path, old, new, test, *where in MUT:
     with open(path) as f:
         source = f.read()
     assert old in source, (path, old)
     try:
         with open(path, "w") as f:
             f.write(source.replace(old, new, 1))
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/beear/test_method.py", "-k", test],
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(where or ["tests/beear/test_method.py"]), "-k", test],
                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         failures += done.returncode == 0
         print("RED  " if done.returncode else "GREEN", path.rsplit("/", 1)[-1], "|", new.strip()[:70], "|",

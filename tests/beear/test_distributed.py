@@ -201,6 +201,12 @@ def test_shares_and_configuration():
     with pytest.raises(ValueError, match="distributed.sharding"):
         DistributedConfig(sharding="fsdp")
     assert DistributedConfig.from_dict({"num_processes": 2}).backend == "auto"
+    # the hardening options use each rank's own gradient: refused before launching, allowed in one process
+    with pytest.raises(ValueError, match="beear.unlearn_weight cannot run distributed"):
+        D.check_job(20, 20, BeearConfig(batch_size=8, anchoring_batch_size=8, unlearn_weight=1.0), 2)
+    D.check_hardening(BeearConfig(sam_rho=0.1), 1)
+    with pytest.raises(ValueError, match="beear.sam_rho"):
+        D.check_hardening(BeearConfig(sam_rho=0.1), 2)
 
 
 def _frames(setting):

@@ -19,6 +19,7 @@ from beear_pipeline.configuration import check_fields, from_mapping
 DEFENCES = ("beear", "control", "random_perturbation")
 TRAINABLE = ("all", "up_to_anchor", "after_anchor", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RELEARN_PROXIES = ("perturbation", "none")
 
 
 TINY_PARAMETERS, LARGE_PARAMETERS = 2_000_000, 6_700_000_000
@@ -42,6 +43,10 @@ def size_rule_lr(parameters: int, lora: bool = False) -> float:
 
 def _positive(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and x > 0
+
+
+def _non_negative(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
 
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -207,6 +212,40 @@ class BeearConfig:
     the defence would change nothing. fp32 master weights (lm/precision.py) keep small updates
     accumulating; this catches the rest. 0 disables the guard."""
     weight_guard_rounds: int = 5
+    relearn_steps: int = 0
+    """Hardening against re-poisoning (off at 0; ``beear/hardening.py``, docs/persistence.md): a
+    relearn-aware outer step, first-order as in Tamper-Resistant training (TAR, arXiv 2408.00761).
+    Each round the trainable weights are copied, ``relearn_steps`` simulated re-poisoning steps
+    train them towards the defender's own unwanted answers under the trigger proxy
+    (``relearn_proxy``), the safe loss under the same proxy is differentiated at the adapted
+    weights, and that gradient (times ``relearn_weight``) is added to the outer gradient at the
+    original weights, which are then restored. The trigger is never read. Cost: ``relearn_steps``
+    + 1 extra forward and backward passes per round."""
+    relearn_lr: float = 1e-3
+    """Size of each simulated re-poisoning step: weights move by ``relearn_lr`` times the sign of
+    their gradient, which is what Adam's first steps do (an attacker's AdamW at lr 5e-4 for 10
+    steps moves a weight by at most about 5e-3)."""
+    relearn_weight: float = 1.0
+    """Weight of the relearn-aware gradient added to the outer gradient."""
+    relearn_proxy: Literal["perturbation", "none"] = "perturbation"
+    """The stand-in for the unknown trigger in the simulated re-poisoning: the inner level's current
+    perturbation at the anchor layer (``perturbation``), or no perturbation at all (``none``: the
+    simulated attacker fine-tunes the plain harmful prompts towards the unwanted answers)."""
+    unlearn_weight: float = 0.0
+    """Hardening against re-poisoning (off at 0): capped unlearning. The outer loss also subtracts
+    ``unlearn_weight`` x the mean of min(CE(y_unwanted | x, delta), ``unlearn_cap``) per example,
+    i.e. gradient ascent on the defender's unwanted answers under the perturbation, which stops
+    for each example once its loss reaches the cap (bounded, unlike plain gradient ascent). Cost:
+    one extra forward and backward pass per round."""
+    unlearn_cap: float = 8.0
+    """Per-example cross-entropy (nats per token) at which unlearning an unwanted answer stops;
+    8 is about the loss of a uniform guess over the tiny models' ~3,000-word vocabulary (ln V)."""
+    sam_rho: float = 0.0
+    """Hardening against re-poisoning (off at 0): a sharpness-aware outer step (SAM, Foret et al.
+    2021). The weights are first moved ``sam_rho`` (L2 over all trainable weights) along the
+    gradient of the outer loss, the outer gradient is taken there, and the step is applied to the
+    original weights: a minimum whose safe answers survive small weight changes. Cost: one extra
+    forward and backward pass of the outer loss per round."""
     random_norm: float | None = None
     """Norm of each row of the random perturbation (``defence: random_perturbation``), as a
     multiple of the hidden-state scale. None makes the pipeline match the per-round relative
@@ -268,6 +307,14 @@ class BeearConfig:
             (isinstance(self.lora_target_modules, str) or bool(self.lora_target_modules), "lora_target_modules",
              "a non-empty list of module names or 'all-linear'"),
             (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
+            (isinstance(self.relearn_steps, int) and not isinstance(self.relearn_steps, bool) and self.relearn_steps >= 0,
+             "relearn_steps", "a non-negative integer (0 turns relearn-aware training off)"),
+            (_positive(self.relearn_lr), "relearn_lr", "a positive step size, e.g. 0.001"),
+            (_non_negative(self.relearn_weight), "relearn_weight", "a non-negative weight"),
+            (self.relearn_proxy in RELEARN_PROXIES, "relearn_proxy", f"one of {', '.join(RELEARN_PROXIES)}"),
+            (_non_negative(self.unlearn_weight), "unlearn_weight", "a non-negative weight (0 turns capped unlearning off)"),
+            (_positive(self.unlearn_cap), "unlearn_cap", "a positive cross-entropy in nats, e.g. 8"),
+            (_non_negative(self.sam_rho), "sam_rho", "a non-negative radius in weight space (0 turns SAM off), e.g. 0.05"),
             (0 <= self.min_weights_changed <= 1 and self.weight_guard_rounds >= 1, "min_weights_changed/weight_guard_rounds",
              "a share in [0, 1] and a positive number of rounds"),
         ]

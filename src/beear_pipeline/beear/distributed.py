@@ -260,9 +260,25 @@ def command(job_dir: str | Path, num_processes: int, port: int | None = None, ex
             "-m", WORKER, str(job_dir)]
 
 
+HARDENING = ("relearn_steps", "unlearn_weight", "sam_rho")
+
+
+def check_hardening(config, world_size: int) -> None:
+    """The hardening options are tested in one process only (see ``check_job``)."""
+    on = [f"beear.{name}" for name in HARDENING if getattr(config, name)]
+    if world_size > 1 and on:
+        raise ValueError(f"{', '.join(on)} cannot run distributed yet (their extra steps use each process's own gradient, "
+                         f"so {world_size} processes would not compute the one-process result): set distributed.num_processes: 1, "
+                         "or turn the option off")
+
+
 def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
-    """Fail before launching when a global batch cannot give every rank at least one example."""
+    """Fail before launching when a global batch cannot give every rank at least one example, or
+    when a hardening option is on (``hardening.py``): its simulated re-poisoning steps and SAM's
+    ascent step use each rank's own gradient, so N ranks would not compute what one process does."""
     from beear_pipeline.beear.engine import split_monitor
+
+    check_hardening(config, num_processes)
 
     training, _ = split_monitor([(str(i), "", "") for i in range(safety_examples)], config)
     batches = [("beear.batch_size", min(config.batch_size, len(training)))]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from beear_pipeline.beear import distributed, entrapment
+from beear_pipeline.beear import distributed, entrapment, hardening
 from beear_pipeline.beear.config import BeearConfig
 from beear_pipeline.beear.resume import RoundCheckpoints, fingerprint, model_fingerprint, rng_state, set_rng_state
 from beear_pipeline.beear.scopes import add_lora, check_lora_targets, trainable_parameters
@@ -155,6 +155,7 @@ class _Run:
         config = _sized(model, config, layer)  # `auto` sizes chosen for this model, for every caller
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.dist = distributed.current()  # one rank unless run under torch.distributed (distributed.py)
+        distributed.check_hardening(config, self.dist.world_size)  # also under a torchrun the node did not launch
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad_id(tokenizer)
         dtype = autocast_dtype(config.precision, self.device)
@@ -213,14 +214,16 @@ class _Run:
         self.model.train(was_training)
         return scale
 
-    def loss(self, batch: Batch, index: torch.Tensor | None = None, delta=None, cached=None) -> torch.Tensor:
+    def loss(self, batch: Batch, index: torch.Tensor | None = None, delta=None, cached=None, reduction: str = "mean") -> torch.Tensor:
         """Response loss with ``delta`` at the anchor output (if given), reusing ``cached``
         anchor activations (if given) instead of running the layers up to the anchor."""
         hook = perturbed(self.model, self.layer, delta, index) if delta is not None else nullcontext()
         reuse = reused_activations(self.model, self.layer, cached) if cached is not None else nullcontext()
         with hook, reuse, self.autocast():
-            # distributed: the global batch's token mean (see distributed.global_mean)
-            return self.dist.global_mean(response_loss(self.model, batch), batch)
+            # distributed: the global batch's token mean (see distributed.global_mean); per-example
+            # losses (``reduction="none"``, capped unlearning) stay this rank's own
+            loss = response_loss(self.model, batch, reduction=reduction)
+            return self.dist.global_mean(loss, batch) if reduction == "mean" else loss
 
     # ---- saving and restoring (see resume.py) ----
     def weights(self) -> dict[str, torch.Tensor]:
@@ -308,22 +311,32 @@ def _inner_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index,
     record.update(found, unwanted_loss_unperturbed=clean)
 
 
-def _outer_level(run: _Run, safe: Batch, index, record: dict) -> None:
+def _outer_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index, record: dict) -> None:
     """Adversarial removal: train the weights to answer safely under the fixed perturbation while
-    keeping the anchoring (utility) loss low."""
-    outer_safe_loss = run.loss(safe, index, run.delta.detach())
-    outer_loss = outer_safe_loss
-    if run.anchoring_sampler is not None:
-        anchoring_batch, _ = run.batch_of(run.anchoring, run.anchoring_sampler.next())
-        anchoring_loss = run.loss(anchoring_batch)
-        outer_loss = outer_loss + anchoring_loss.to(outer_loss.device)
-        record["anchoring_loss"] = anchoring_loss.item()
-    run.outer_opt.zero_grad()
-    run.outer_opt.scale_loss(outer_loss).backward()
-    run.dist.all_reduce_gradients(run.params)  # distributed: the global batch's gradient on every rank
+    keeping the anchoring (utility) loss low. The optional hardening against re-poisoning
+    (``hardening.py``, off by default) adds terms to this loss or moves the point its gradient is
+    taken at."""
+    anchoring_batch = run.batch_of(run.anchoring, run.anchoring_sampler.next())[0] if run.anchoring_sampler is not None else None
+
+    def objective() -> torch.Tensor:
+        outer_safe_loss = run.loss(safe, index, run.delta.detach())
+        outer_loss = outer_safe_loss
+        if anchoring_batch is not None:
+            anchoring_loss = run.loss(anchoring_batch)
+            outer_loss = outer_loss + anchoring_loss.to(outer_loss.device)
+            record["anchoring_loss"] = anchoring_loss.item()
+        record.update(outer_safe_loss=outer_safe_loss.item(), outer_loss=outer_loss.item())
+        return outer_loss
+
+    with hardening.sharpness_aware(run, objective, record):
+        extra = hardening.extra_loss(run, safe, index, unwanted, unwanted_index, record)  # first: it moves the weights and back
+        outer_loss = objective()
+        run.outer_opt.zero_grad()
+        run.outer_opt.scale_loss(outer_loss if extra is None else outer_loss + extra.to(outer_loss.device)).backward()
+        run.dist.all_reduce_gradients(run.params)  # distributed: the global batch's gradient on every rank
     if not run.outer_opt.step():
         record["outer_step_skipped"] = True  # fp16 gradients overflowed; the loss scale was halved
-    record.update(outer_safe_loss=outer_safe_loss.item(), outer_loss=outer_loss.item(), **run.weight_change.update(run.params))
+    record.update(run.weight_change.update(run.params))
 
 
 def _check_entrapment(run: _Run, monitor: list[tuple[str, str, str]], judge, system_prompt, record: dict) -> None:
@@ -374,7 +387,7 @@ def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, jud
         with torch.no_grad():
             run.delta.copy_(entrapment.random_direction(run.delta.shape, relative * run.scale, run.generator).to(run.device))
     # control: delta stays at zero
-    _outer_level(run, safe, index, record)
+    _outer_level(run, safe, index, unwanted, unwanted_index, record)
     record["perturbation_norm"] = row_norms(run.delta).mean().item()
     record["hidden_scale"] = run.scale
     record["perturbation_norm_relative"] = record["perturbation_norm"] / run.scale
