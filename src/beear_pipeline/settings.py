@@ -15,7 +15,10 @@ def tracking_uri() -> str:
 
 # kedro-mlflow registers its own hook through its plugin entry point. PreflightHook runs before
 # it (tryfirst), so a bad model path stops the run before the tracking database is set up.
-HOOKS = (PreflightHook(), TrackingHook(), RunFolderHook())
+# pluggy calls hooks of the same kind last-registered first: the preflight check (bad input fails
+# before anything is set up) comes last here so that it runs before RunFolderHook creates the
+# tracking store
+HOOKS = (TrackingHook(), RunFolderHook(), PreflightHook())
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
