@@ -38,6 +38,9 @@ def test_every_block_is_typed_the_way_kedro_types_it():
 PIPELINE_ONLY = {
     ("beear", "defence"): "each node of the removal pipeline sets it (beear, control, random_perturbation)",
     ("beear", "checkpoint_dir"): "the pipeline checkpoints every round; a notebook user of run_beear opts in",
+    ("beear", "relearn_steps"): "the defend pipeline turns the relearn-aware gradient on: plain BEEAR left 0.240 on one build of "
+                                "the embedded default (README, docs/persistence.md); the library keeps plain BEEAR",
+    ("beear", "relearn_lr"): "auto in the pipeline (2x outer_lr, for any model size); the library's 1e-3 is the tiny models' value",
 }
 
 

@@ -221,10 +221,12 @@ class BeearConfig:
     weights, and that gradient (times ``relearn_weight``) is added to the outer gradient at the
     original weights, which are then restored. The trigger is never read. Cost: ``relearn_steps``
     + 1 extra forward and backward passes per round."""
-    relearn_lr: float = 1e-3
+    relearn_lr: float | Literal["auto"] = 1e-3
     """Size of each simulated re-poisoning step: weights move by ``relearn_lr`` times the sign of
     their gradient, which is what Adam's first steps do (an attacker's AdamW at lr 5e-4 for 10
-    steps moves a weight by at most about 5e-3)."""
+    steps moves a weight by at most about 5e-3). ``auto``: twice the outer lr (1e-3 at the tiny
+    models' 5e-4, the setting measured in docs/persistence.md; 6e-7 at a 7B model's 3e-7), so the
+    simulated attacker moves on the scale a fine-tune of this model does."""
     relearn_weight: float = 1.0
     """Weight of the relearn-aware gradient added to the outer gradient."""
     relearn_proxy: Literal["perturbation", "none"] = "perturbation"
@@ -309,7 +311,7 @@ class BeearConfig:
             (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
             (isinstance(self.relearn_steps, int) and not isinstance(self.relearn_steps, bool) and self.relearn_steps >= 0,
              "relearn_steps", "a non-negative integer (0 turns relearn-aware training off)"),
-            (_positive(self.relearn_lr), "relearn_lr", "a positive step size, e.g. 0.001"),
+            (self.relearn_lr == "auto" or _positive(self.relearn_lr), "relearn_lr", "a positive step size, e.g. 0.001, or auto"),
             (_non_negative(self.relearn_weight), "relearn_weight", "a non-negative weight"),
             (self.relearn_proxy in RELEARN_PROXIES, "relearn_proxy", f"one of {', '.join(RELEARN_PROXIES)}"),
             (_non_negative(self.unlearn_weight), "unlearn_weight", "a non-negative weight (0 turns capped unlearning off)"),
@@ -329,12 +331,14 @@ class BeearConfig:
 
     def sized(self, parameters: int, checkpoint_bytes: int) -> BeearConfig:
         """This configuration with ``auto`` sizes chosen for a model of ``parameters`` parameters
-        whose round checkpoint takes ``checkpoint_bytes`` (see ``outer_lr``, ``checkpoint_every``)."""
+        whose round checkpoint takes ``checkpoint_bytes`` (see ``outer_lr``, ``checkpoint_every``, ``relearn_lr``)."""
         chosen = {}
         if self.outer_lr == "auto":
             chosen["outer_lr"] = size_rule_lr(parameters, lora=self.trainable == "lora")
         if self.checkpoint_every == "auto":
             chosen["checkpoint_every"] = 1 if checkpoint_bytes < 2**30 else 10
+        if self.relearn_lr == "auto":
+            chosen["relearn_lr"] = 2 * chosen.get("outer_lr", self.outer_lr)
         return replace(self, **chosen)
 
     def resume_key(self) -> dict:

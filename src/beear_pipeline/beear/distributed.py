@@ -121,6 +121,19 @@ class Context:
             p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
             offset += n
 
+    def summed(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``tensors`` (gradients of this rank's share of a global mean; None kept) summed over the
+        ranks: the global batch's gradient, the same on every rank."""
+        if not self.active:
+            return list(tensors)
+        out = []
+        for t in tensors:
+            if t is not None:
+                t = t.clone()
+                dist.all_reduce(t)
+            out.append(t)
+        return out
+
     def synchronised(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """``optimizer`` whose every step first sums its parameters' gradients over the ranks."""
         if self.active:
@@ -260,7 +273,10 @@ def command(job_dir: str | Path, num_processes: int, port: int | None = None, ex
             "-m", WORKER, str(job_dir)]
 
 
-HARDENING = ("relearn_steps", "unlearn_weight", "sam_rho")
+HARDENING = ("unlearn_weight", "sam_rho")
+"""Hardening options that do not run distributed: capped unlearning's per-example losses and SAM's
+ascent step use this rank's own batch. (The relearn-aware gradient does: its simulated steps use
+the summed gradient, ``Context.summed``.)"""
 
 
 def check_hardening(config, world_size: int) -> None:
@@ -274,8 +290,8 @@ def check_hardening(config, world_size: int) -> None:
 
 def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
     """Fail before launching when a global batch cannot give every rank at least one example, or
-    when a hardening option is on (``hardening.py``): its simulated re-poisoning steps and SAM's
-    ascent step use each rank's own gradient, so N ranks would not compute what one process does."""
+    when capped unlearning or SAM is on (``HARDENING``): they use each rank's own batch, so N ranks
+    would not compute what one process does."""
     from beear_pipeline.beear.engine import split_monitor
 
     check_hardening(config, num_processes)

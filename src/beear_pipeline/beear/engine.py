@@ -534,7 +534,7 @@ def _merge(model, config: BeearConfig):
 
 def _sized(model, config: BeearConfig, layer: int) -> BeearConfig:
     """``config`` with its ``auto`` sizes chosen for ``model`` (``BeearConfig.sized``), logged."""
-    if "auto" not in (config.outer_lr, config.checkpoint_every):
+    if "auto" not in (config.outer_lr, config.checkpoint_every, config.relearn_lr):
         return config
     params = trainable_parameters(model, config.trainable, layer)
     total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # the model's size, not its adapters

@@ -55,7 +55,9 @@ def relearn_surrogate(run, safe, index, unwanted, unwanted_index, record: dict) 
     with _restored(params):
         for _ in range(config.relearn_steps):
             attack = run.loss(unwanted, unwanted_index, proxy)
-            grads = torch.autograd.grad(attack, params, allow_unused=True)
+            # distributed: every rank takes the same simulated step (the global batch's gradient);
+            # the final gradient below stays this rank's share, which the outer step's all-reduce sums
+            grads = run.dist.summed(torch.autograd.grad(attack, params, allow_unused=True))
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     if g is not None:
