@@ -157,7 +157,12 @@ def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_h
         logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
     checkpoint_dir = str(Path(beear.checkpoint_dir) / defence) if beear.checkpoint_dir else None
     rounds = len(beear_history["rounds"]) if beear_history else beear.max_rounds
-    return dataclasses.replace(beear, defence=defence, checkpoint_dir=checkpoint_dir, anchor_layer=layer, max_rounds=rounds)
+    # the baselines are the paper's (plain safety fine-tuning; a random direction): the hardening
+    # options belong to BEEAR. The relearn-aware gradient alone, without the perturbation, already
+    # removes much of the default suspect's backdoor (0.202 left): a control with it would not be
+    # the control that must fail.
+    hardening = {} if defence == "beear" else {"relearn_steps": 0, "unlearn_weight": 0.0, "sam_rho": 0.0}
+    return dataclasses.replace(beear, defence=defence, checkpoint_dir=checkpoint_dir, anchor_layer=layer, max_rounds=rounds, **hardening)
 
 
 def defend_with_beear(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
