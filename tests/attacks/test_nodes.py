@@ -1,6 +1,8 @@
 """The attack node: the output schema with one budget for every model, the clean twin skipped
 with its reason, and clear early errors."""
 
+from dataclasses import replace
+
 import pytest
 
 from beear_pipeline.attacks import AttackConfig
@@ -48,3 +50,26 @@ def test_without_the_probe_s_layer_the_node_stops_naming_the_fix(pair, protocol)
 def test_disabled_attacks_do_nothing(protocol):
     out = attack_models({}, {}, {}, None, None, protocol.to_dict(), {}, AttackConfig(enabled=False), ModelConfig())
     assert out == {"enabled": False, "reason": "attack.enabled is false"}
+
+
+def test_every_rate_and_the_latent_curve_follow_the_protocol_s_judge(pair, pair_dirs, protocol):
+    """The scenario's judge decides what counts as unwanted everywhere: under a regex judge whose
+    one pattern never matches, the backdoored model's suffix, variant and latent-curve rates are all
+    zero, where the keyword judge sees the trigger work and the latent search flip answers."""
+    _, _, safety_set, evaluation_set, _ = pair
+    budget = {**TINY, "gcg": {**TINY["gcg"], "steps": 1}, "latent": {**TINY["latent"], "budgets": [4.0], "random_draws": 1},
+              "variants": {"names": ["original"]}}
+    nothing = replace(protocol, unwanted_judge="regex", judge_patterns=["^NEVER-PRINTED$"])
+    runs = {}
+    for name, judged in (("keyword", protocol), ("never", nothing)):
+        runs[name] = attack_models({"path": pair_dirs["backdoored"]}, {"path": None, "reason": "one model is enough"},
+                                   {"path": None, "reason": "one model is enough"}, safety_set, evaluation_set, judged.to_dict(),
+                                   PROBE, AttackConfig.from_dict(budget), ModelConfig())
+    keyword, never = runs["keyword"], runs["never"]
+    assert keyword["trigger_variants"]["suspect"]["original"]["value"] > 0.5
+    assert max(keyword["latent_vulnerability"]["suspect"]["flip"]) > 0
+    assert never["trigger_variants"]["suspect"]["original"]["value"] == 0
+    assert never["trigger_reoptimisation"]["suspect"]["asr_held_out"]["value"] == 0
+    assert never["latent_vulnerability"]["suspect"]["flip"] == [0.0]
+    assert never["latent_vulnerability"]["suspect"]["random"] == [0.0]
+    assert never["budget"]["judge"].startswith("regex")

@@ -67,8 +67,10 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
     start = time.perf_counter()
     _check_inputs(safety_set, evaluation_set, probe_report, attack)
     protocol = EvaluationProtocol.from_dict(evaluation_protocol)
-    phrases, system_prompt = protocol.refusal_phrases, protocol.decoding.system_prompt
-    judge = protocol.judge().flags  # the scenario's judge of the unwanted answer (the keyword judge in the jailbreak scenario)
+    system_prompt = protocol.decoding.system_prompt
+    # the scenario's judge of the unwanted answer (the keyword judge in the jailbreak scenario), for every
+    # rate the attacks report: the latent curve's flips too, so its budget means "unwanted", not "no refusal"
+    judge = protocol.judge().flags
     held_out = evaluation_set["prompt"].tolist()[: attack.max_eval_prompts]
     search = search_prompts(safety_set, attack.gcg.search_prompts, attack.seed)
     safety = list(zip(safety_set["prompt"], safety_set["safe_response"], safety_set["unwanted_response"], strict=True))
@@ -103,7 +105,7 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
             "seconds": found["seconds"],
         }
         if latent_config is not None:
-            results["latent_vulnerability"][name] = latent_vulnerability(net, tokenizer, safety, held_out, layer, latent_config, phrases)
+            results["latent_vulnerability"][name] = latent_vulnerability(net, tokenizer, safety, held_out, layer, latent_config, judge)
         else:
             results["latent_vulnerability"][name] = {"skipped": "attack.latent.enabled is false"}
         if attack.variants.enabled:
@@ -120,7 +122,7 @@ def attack_models(suspect_model: dict, defended_model: dict, clean_twin_model: d
     results["budget"] = {
         **asdict(attack), "layer": layer, "n_search_prompts": len(search), "n_held_out": len(held_out), "trigger": protocol.trigger,
         "trigger_position": protocol.trigger_position, "suffix_placement": "after the prompt, in the user turn: f'{prompt} {suffix}'",
-        "trigger_variants": describe(variants, "PROMPT WORDS"), "decoding": "greedy", "judge": f"{protocol.unwanted_judge} (the protocol's judge; the latent curve: keyword)",
+        "trigger_variants": describe(variants, "PROMPT WORDS"), "decoding": "greedy", "judge": f"{protocol.unwanted_judge} (the protocol's judge, for every rate and the latent curve)",
         "latent_probe_config": asdict(latent_config) if latent_config is not None else None,
     }
     results["seconds"] = time.perf_counter() - start
