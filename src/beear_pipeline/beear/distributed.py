@@ -111,27 +111,15 @@ class Context:
         for p in chosen:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if not chosen:
-            return
-        flat = torch.cat([p.grad.reshape(-1).float() for p in chosen])  # one collective, not one per tensor
-        dist.all_reduce(flat)
-        offset = 0
-        for p in chosen:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-            offset += n
+        _sum_in_place([p.grad for p in chosen])
 
     def summed(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """``tensors`` (gradients of this rank's share of a global mean; None kept) summed over the
         ranks: the global batch's gradient, the same on every rank."""
         if not self.active:
             return list(tensors)
-        out = []
-        for t in tensors:
-            if t is not None:
-                t = t.clone()
-                dist.all_reduce(t)
-            out.append(t)
+        out = [None if t is None else t.clone() for t in tensors]
+        _sum_in_place([t for t in out if t is not None])
         return out
 
     def synchronised(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -177,6 +165,21 @@ class Context:
             checkpoints.save(rounds_done, weights, state)
         if self.active:
             dist.barrier()
+
+
+def _sum_in_place(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace each of ``tensors`` by its sum over the ranks, with one collective for all of them
+    (flattened into one fp32 buffer: one all-reduce per tensor would pay the latency once per
+    weight matrix, hundreds of times per outer step for a 7B model)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view_as(t))
+        offset += n
 
 
 class ShardedOuterOptimizer(OuterOptimizer):
