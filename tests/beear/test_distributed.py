@@ -113,6 +113,30 @@ def test_two_processes_give_the_one_process_perturbation_and_weights(setting, tw
 
 
 @pytest.mark.slow
+def test_the_relearn_aware_gradient_on_two_processes_gives_the_one_process_run(setting):
+    """The defend pipeline's setting (conf/base/parameters_removal.yml): relearn-aware gradient on.
+    Its simulated re-poisoning steps move every rank's weights by the sign of the *summed*
+    gradient (``Context.summed``); a rank stepping on its own share's sign would diverge."""
+    config = _config(relearn_steps=4, relearn_lr="auto", max_rounds=4)
+    model, tokenizer = load_checkpoint(setting["ref"]["path"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank computes
+    try:
+        single = run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
+    finally:
+        torch.set_num_threads(threads)
+    job = D.write_job(setting["root"] / "relearn", setting["ref"], setting["safety"], setting["anchoring"], config, backend="gloo")
+    two = D.read_result(D.launch(job, 2, echo=False))[0]
+    assert all(r["relearn_loss"] > 0 for r in two.history)  # the simulated attack ran in every round
+    _same_decisions(two, single)
+    for x, y in zip(two.history, single.history, strict=True):
+        assert x["relearn_unwanted_loss"] == pytest.approx(y["relearn_unwanted_loss"], rel=1e-4)
+    weights, perturbation = _diffs(two, single)
+    print(f"relearn-aware gradient, 2 processes vs 1: weights {weights:.2e}, perturbation {perturbation:.2e}")
+    assert max(weights, perturbation) <= TOL
+
+
+@pytest.mark.slow
 def test_optimizer_state_sharding_gives_the_same_run(setting, two):
     zero = D.read_result(D.launch(_job(setting, "zero", sharding="optimizer"), 2, echo=False))[0]
     assert "outer optimiser state sharded over 2 ranks (ZeRO-1)" in (setting["root"] / "zero" / "torchrun.log").read_text()
