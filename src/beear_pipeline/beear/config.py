@@ -74,8 +74,8 @@ class DistributedConfig:
     ``optimizer``: the optimiser state (AdamW's two moments, 8 bytes per weight) is split over the
     ranks (ZeRO stage 1, ``ZeroRedundancyOptimizer``); the weights stay replicated; ``fsdp``: the
     weights, their gradients and the optimiser state are split over the ranks (FSDP2
-    ``fully_shard`` per decoder layer and the root), for a model too big for one device; full-weight
-    training (``beear.trainable: all``) without the relearn-aware gradient only."""
+    ``fully_shard`` per decoder layer and the root), for a model too big for one device; not with LoRA
+    (``beear.trainable: lora``) or the relearn-aware gradient (``beear.relearn_steps``)."""
 
     def __post_init__(self) -> None:
         port_ok = self.master_port == "auto" or (isinstance(self.master_port, int) and not isinstance(self.master_port, bool)
