@@ -1,7 +1,9 @@
 """Distributed BEEAR on CPU (gloo, 2 processes through torchrun, as the defence node launches it):
 the same global batches give the one-process perturbation and weights, optimiser-state sharding
 gives the same run, a killed rank resumes from its round checkpoint and ends like an uninterrupted
-run, two "nodes" on localhost complete, and a failing rank surfaces as a clear error. Each launch
+run, two "nodes" on localhost complete, and a failing rank surfaces as a clear error; the same
+equality with the relearn-aware gradient on, and with the weights sharded by FSDP2 (also resumed
+from its consolidated checkpoints). Each launch
 costs about 10-40 s of process start and import on 2 busy cores: the equality test and the error
 paths run in the default suite, the other launches are marked slow.
 
