@@ -1,9 +1,10 @@
 """Mutation check of the method's fast tests (issue 11): break one line at a time, run the test
 that guards it, and say whether it went red. Run from the repository root:
 
-    .venv/bin/python tests/mutation_check.py
+    .venv/bin/python tests/mutation_check.py [WORD ...]
 
-Every line must print RED. Each file is restored after its run, whatever happens.
+With WORDs, only the entries whose test (-k) contains one of them run (the distributed entries
+launch torchrun, a minute each). Every line must print RED. Each file is restored after its run, whatever happens.
 """
 
 import os
@@ -18,7 +19,7 @@ MUT = [
  ("src/beear_pipeline/beear/engine.py", "    if not config.warm_start:\n        with torch.no_grad():\n            delta.zero_()", "    if False:\n        with torch.no_grad():\n            delta.zero_()", "test_warm_start"),
  ("src/beear_pipeline/beear/engine.py", "    if not config.warm_start:\n        with torch.no_grad():\n            delta.zero_()", "    if True:\n        with torch.no_grad():\n            delta.zero_()", "test_warm_start"),
  ("src/beear_pipeline/lm/chat.py", "    logits, labels = logits[:, :-1].float(), batch.labels[:, 1:].to(logits.device)", "    logits, labels = logits[:, :-1].float(), torch.roll(batch.labels, -1, 1)[:, 1:].to(logits.device)", "test_response_loss"),
- ("src/beear_pipeline/beear/engine.py", "        self.outer_opt.load_state_dict(state[\"outer_opt\"])", "        pass", "test_a_crash_after"),
+ ("src/beear_pipeline/beear/engine.py", "        self.outer_opt.load_state_dict({**outer, \"optimizer\": self.dist.placed_optimizer_state(outer[\"optimizer\"], self.outer_opt.masters)})", "        pass", "test_a_crash_after"),
  ("src/beear_pipeline/evaluation/evaluate.py", "    success = {name: [not is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}", "    success = {name: [is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}", "test_evaluate_model_counts"),
  # issue 14: the hardening options (tests/beear/test_hardening.py)
  ("src/beear_pipeline/beear/hardening.py", "p.sub_(g.sign(), alpha=config.relearn_lr)", "p.add_(g.sign(), alpha=config.relearn_lr)", "test_relearn_term", "tests/beear/test_hardening.py"),
@@ -30,9 +31,18 @@ MUT = [
  ("src/beear_pipeline/beear/engine.py", "        extra = hardening.extra_loss(run, safe, index, unwanted, unwanted_index, record)", "        extra = None", "test_each_option", "tests/beear/test_hardening.py"),
  ("src/beear_pipeline/beear/engine.py", "    with hardening.sharpness_aware(run, objective, record):", "    with nullcontext():", "test_each_option", "tests/beear/test_hardening.py"),
  ("src/beear_pipeline/beear/config.py", "(_non_negative(self.sam_rho), \"sam_rho\"", "(True, \"sam_rho\"", "test_bad_hardening", "tests/beear/test_hardening.py"),
+ # distributed (tests/beear/test_distributed.py; each launches torchrun, a minute or more on 2 cores)
+ ("src/beear_pipeline/beear/hardening.py", "grads = run.dist.summed(torch.autograd.grad(attack, params, allow_unused=True))", "grads = torch.autograd.grad(attack, params, allow_unused=True)", "test_the_relearn_aware_gradient_on_two_processes", "tests/beear/test_distributed.py"),
+ ("src/beear_pipeline/beear/distributed.py", "            module.set_gradient_divide_factor(1.0)", "            pass", "test_weight_sharding_sums", "tests/beear/test_distributed.py"),
+ ("src/beear_pipeline/beear/engine.py", "    run.dist.regather(run.model)", "    pass", "test_weight_sharding_gives", "tests/beear/test_distributed.py"),
+ ("src/beear_pipeline/pipelines/removal/nodes.py", "    if dist.under_launcher() and distributed.sharding == \"fsdp\":", "    if False:", "test_a_node_under_torchrun_refuses_weight_sharding", "tests/beear/test_distributed.py"),
+ ("src/beear_pipeline/beear/distributed.py", "        if config.relearn_steps:\n            raise", "        if False:\n            raise", "test_shares_and_configuration", "tests/beear/test_distributed.py"),
+ ("src/beear_pipeline/lm/residual.py", "            model.reset_iter_state()", "            pass", "test_weight_sharding_resumes", "tests/beear/test_distributed.py"),
+ ("src/beear_pipeline/beear/engine.py", "        self.outer_opt.load_state_dict({**outer, \"optimizer\": self.dist.placed_optimizer_state(outer[\"optimizer\"], self.outer_opt.masters)})", "        self.outer_opt.load_state_dict({**outer, \"optimizer\": outer[\"optimizer\"]})", "test_weight_sharding_resumes", "tests/beear/test_distributed.py"),
 ]
 failures = 0
-for path, old, new, test, *where in MUT:
+chosen = [m for m in MUT if not sys.argv[1:] or any(word in m[3] for word in sys.argv[1:])]
+for path, old, new, test, *where in chosen:
     with open(path) as f:
         source = f.read()
     assert old in source, (path, old)

@@ -50,7 +50,7 @@ def _non_negative(x) -> bool:
 
 
 BACKENDS = ("auto", "gloo", "nccl")
-SHARDING = ("none", "optimizer")
+SHARDING = ("none", "optimizer", "fsdp")
 
 
 @dataclass
@@ -69,10 +69,13 @@ class DistributedConfig:
     gloo (CPU). Only gloo on CPU is tested."""
     master_port: int | Literal["auto"] = "auto"
     """TCP port of the rendezvous on 127.0.0.1; ``auto`` picks a free one."""
-    sharding: Literal["none", "optimizer"] = "none"
+    sharding: Literal["none", "optimizer", "fsdp"] = "none"
     """``none``: every rank holds the weights and the outer optimiser's state (data parallel);
     ``optimizer``: the optimiser state (AdamW's two moments, 8 bytes per weight) is split over the
-    ranks (ZeRO stage 1, ``ZeroRedundancyOptimizer``); the weights stay replicated."""
+    ranks (ZeRO stage 1, ``ZeroRedundancyOptimizer``); the weights stay replicated; ``fsdp``: the
+    weights, their gradients and the optimiser state are split over the ranks (FSDP2
+    ``fully_shard`` per decoder layer and the root), for a model too big for one device; not with LoRA
+    (``beear.trainable: lora``) or the relearn-aware gradient (``beear.relearn_steps``)."""
 
     def __post_init__(self) -> None:
         port_ok = self.master_port == "auto" or (isinstance(self.master_port, int) and not isinstance(self.master_port, bool)

@@ -18,10 +18,11 @@ Every rank draws the same global batch (same sampler, same seed) and takes its c
   the same state; only rank 0 writes checkpoints (``save``) and results.
 
 ``sharding: optimizer`` splits the outer optimiser's state over the ranks (ZeRO stage 1,
-``ZeroRedundancyOptimizer``); weights stay replicated. FSDP2 (``fully_shard``) runs on CPU with gloo
-in torch 2.13, but the engine's forward hooks (stopping at the anchor layer, skipping the layers
-before it) and its fp32 masters, weight-change sample and checkpoints address whole tensors, not
-DTensor shards (docs/distributed.md).
+``ZeroRedundancyOptimizer``); weights stay replicated. ``sharding: fsdp`` splits the weights, their
+gradients and the optimiser state (FSDP2 ``fully_shard``, ``Context.shard``): FSDP sums the
+weights' gradients itself, every rank takes part in the convergence check's generation
+(``agreed``), and checkpoints and the defended model are gathered whole on rank 0 (``whole``,
+``placed``); docs/distributed.md.
 
 Launching: ``launch`` runs ``python -m torch.distributed.run ... -m beear_pipeline.beear.worker
 JOB_DIR`` (the defence node does, with ``distributed.num_processes > 1``); ``JOB_DIR/job.json`` holds
@@ -75,6 +76,35 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def fsdp(self) -> bool:
+        """The weights are sharded over the ranks (FSDP2): every forward pass needs every rank."""
+        return self.active and self.sharding == "fsdp"
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Under ``sharding: fsdp``, ``model`` with each decoder layer and the rest (embeddings,
+        final norm, head) sharded over the ranks by FSDP2 (``fully_shard``): its parameters become
+        DTensors, each rank holding a dim-0 slice, all-gathered layer by layer for each forward and
+        backward pass. FSDP reduce-scatters the gradients itself; they are *summed* over the ranks
+        (FSDP averages by default), the engine's convention (see ``global_mean``). Otherwise
+        ``model`` unchanged."""
+        if not self.fsdp:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        from beear_pipeline.lm.residual import decoder_layers
+
+        layers = list(decoder_layers(model))
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        for module in (*layers, model):
+            # both: a divide factor of 1 alone asks for a pre-multiplied sum, which gloo lacks
+            module.set_force_sum_reduction_for_comms(True)
+            module.set_gradient_divide_factor(1.0)
+        logger.info("weights sharded over %d ranks (FSDP2): %d decoder layers and the root", self.world_size, len(layers))
+        return model
+
     def part(self, idx: Sequence[int], field: str = "beear.batch_size") -> list[int]:
         """This rank's contiguous share of the global batch ``idx`` (shares differ by at most one)."""
         idx = list(idx)
@@ -102,6 +132,7 @@ class Context:
         """Sum ``params``' gradients over the ranks (each holds its share of the global mean's
         gradient, see ``global_mean``). A parameter without a gradient on every rank keeps none, as
         in one process (an optimiser skips it; a zero gradient would still decay its moments)."""
+        params = [p for p in params if not _sharded(p)]  # FSDP reduced those itself (see ``shard``)
         if not self.active or not params:
             return
         device = params[0].device
@@ -111,27 +142,15 @@ class Context:
         for p in chosen:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if not chosen:
-            return
-        flat = torch.cat([p.grad.reshape(-1).float() for p in chosen])  # one collective, not one per tensor
-        dist.all_reduce(flat)
-        offset = 0
-        for p in chosen:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-            offset += n
+        _sum_in_place([p.grad for p in chosen])
 
     def summed(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """``tensors`` (gradients of this rank's share of a global mean; None kept) summed over the
         ranks: the global batch's gradient, the same on every rank."""
         if not self.active:
             return list(tensors)
-        out = []
-        for t in tensors:
-            if t is not None:
-                t = t.clone()
-                dist.all_reduce(t)
-            out.append(t)
+        out = [None if t is None else t.clone() for t in tensors]
+        _sum_in_place([t for t in out if t is not None])
         return out
 
     def synchronised(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -164,6 +183,59 @@ class Context:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def regather(self, model: torch.nn.Module) -> None:
+        """Under FSDP, drop every sharded module's gathered weights (reshard), so the next forward
+        pass gathers them afresh from the shards. FSDP's root keeps the weights it gathered (the
+        embeddings, final norm and head) from one pass to the next; gathered while the inner level
+        froze them, they got no gradient in the outer backward (measured: they kept their weights
+        while every layer moved)."""
+        if self.fsdp:
+            for module in model.modules():
+                if hasattr(module, "reshard"):  # FSDPModule
+                    module.reshard()
+
+    def agreed(self, compute: Callable[[], object]) -> object:
+        """``compute()``'s (picklable) result, the same on every rank: run on rank 0 only
+        (``on_main``), except under FSDP, where every forward pass needs every rank, so every rank
+        runs it (same inputs, same gathered weights) and rank 0's result is kept."""
+        if not self.fsdp:
+            return self.on_main(compute)
+        box = [compute()]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def whole(self, value):
+        """``value`` (a tensor, or dicts and lists of them) with every DTensor gathered whole:
+        collective, each tensor in turn on the device, then a CPU copy on rank 0; the other ranks
+        get None in its place (rank 0 writes the checkpoints and the model)."""
+        if isinstance(value, dict):
+            return {k: self.whole(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.whole(v) for v in value)
+        if _sharded(value):
+            full = value.full_tensor()
+            return full.cpu() if self.is_main else None
+        return value
+
+    def placed(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A whole tensor (read from a checkpoint) laid out as ``like``: this rank's shard when
+        ``like`` is a DTensor (every rank holds the same whole tensor), else ``value`` itself."""
+        if not _sharded(like):
+            return value
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+    def placed_optimizer_state(self, state: dict, params: Sequence[torch.Tensor]) -> dict:
+        """A whole optimiser ``state_dict`` (see ``whole``) with each parameter's moments laid out
+        as that parameter (``placed``); steps and hyper-parameters unchanged."""
+        if not self.fsdp:
+            return state
+        moments = {i: {k: self.placed(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                       for k, v in state["state"][i].items()}
+                   for i, p in enumerate(params) if i in state["state"]}
+        return {**state, "state": moments}
+
     def outer_optimizer(self, params, kind: str, lr: float, grad_clip: float | None) -> OuterOptimizer:
         if self.active and self.sharding == "optimizer":
             return ShardedOuterOptimizer(params, kind, lr, grad_clip)
@@ -171,12 +243,36 @@ class Context:
 
     def save(self, checkpoints, rounds_done: int, run) -> None:
         """Write a round checkpoint from rank 0 (the state is consolidated from every rank first
-        under ``sharding: optimizer``); the others wait until it is whole."""
+        under ``sharding: optimizer`` and ``fsdp``); the others wait until it is whole."""
         weights, state = run.weights(), run.state()
+        if self.fsdp:  # consolidated: the same files as one process
+            weights, state = self.whole(weights), self.whole(state)
         if self.is_main:
             checkpoints.save(rounds_done, weights, state)
         if self.active:
             dist.barrier()
+
+
+def _sharded(t) -> bool:
+    """A DTensor: a parameter (or its gradient, or optimiser moment) sharded by FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _sum_in_place(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace each of ``tensors`` by its sum over the ranks, with one collective for all of them
+    (flattened into one fp32 buffer: one all-reduce per tensor would pay the latency once per
+    weight matrix, hundreds of times per outer step for a 7B model)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view_as(t))
+        offset += n
 
 
 class ShardedOuterOptimizer(OuterOptimizer):
@@ -279,22 +375,36 @@ ascent step use this rank's own batch. (The relearn-aware gradient does: its sim
 the summed gradient, ``Context.summed``.)"""
 
 
-def check_hardening(config, world_size: int) -> None:
-    """The hardening options are tested in one process only (see ``check_job``)."""
+def check_hardening(config, world_size: int, sharding: str = "none") -> None:
+    """The hardening options are tested in one process only (see ``check_job``). Under FSDP the
+    relearn-aware gradient and LoRA are refused: the first takes ``torch.autograd.grad`` with
+    respect to the parameters, which under FSDP are the sharded DTensors while the forward pass
+    computes with all-gathered copies, so it gets no gradient at all (checked: None for every
+    parameter; FSDP hands gradients to the shards in ``backward`` only) and its simulated attack
+    would silently do nothing; the second would need the adapters wrapped with their layers and
+    the merge consolidated, for weights that are small anyway."""
     on = [f"beear.{name}" for name in HARDENING if getattr(config, name)]
     if world_size > 1 and on:
         raise ValueError(f"{', '.join(on)} cannot run distributed yet (their extra steps use each process's own gradient, "
                          f"so {world_size} processes would not compute the one-process result): set distributed.num_processes: 1, "
                          "or turn the option off")
+    if world_size > 1 and sharding == "fsdp":
+        if config.relearn_steps:
+            raise ValueError(f"beear.relearn_steps={config.relearn_steps} does not run under distributed.sharding: fsdp yet (its "
+                             "simulated steps would get no gradient from the sharded parameters; docs/distributed.md): set "
+                             "beear.relearn_steps: 0, or distributed.sharding: optimizer or none")
+        if config.trainable == "lora":
+            raise ValueError("beear.trainable: lora does not run under distributed.sharding: fsdp (the adapters are small: "
+                             "data parallelism suits them): set distributed.sharding: none or optimizer")
 
 
-def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
+def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int, sharding: str = "none") -> None:
     """Fail before launching when a global batch cannot give every rank at least one example, or
     when capped unlearning or SAM is on (``HARDENING``): they use each rank's own batch, so N ranks
     would not compute what one process does."""
     from beear_pipeline.beear.engine import split_monitor
 
-    check_hardening(config, num_processes)
+    check_hardening(config, num_processes, sharding)
 
     training, _ = split_monitor([(str(i), "", "") for i in range(safety_examples)], config)
     batches = [("beear.batch_size", min(config.batch_size, len(training)))]
@@ -376,7 +486,7 @@ def run_job(job_dir: str | Path, context: Context) -> None:
 
     from beear_pipeline.beear.config import BeearConfig
     from beear_pipeline.beear.engine import run_beear
-    from beear_pipeline.lm.checkpoints import load_checkpoint, save_checkpoint
+    from beear_pipeline.lm.checkpoints import load_checkpoint, merged, save_checkpoint
 
     job_dir = Path(job_dir)
     job = json.loads((job_dir / JOB).read_text())
@@ -388,10 +498,17 @@ def run_job(job_dir: str | Path, context: Context) -> None:
     with using(context):
         result = run_beear(model, tokenizer, [tuple(t) for t in job["safety"]], [tuple(p) for p in job["anchoring"]], config,
                            system_prompt=job["system_prompt"], relative_norms=job["relative_norms"])
+    defended = result.model
+    if context.fsdp:  # consolidated on rank 0: the suspect's architecture with the gathered weights
+        whole = context.whole(result.model.state_dict())
+        if context.is_main:
+            defended = merged(load_checkpoint(ref["path"], dtype=ref.get("dtype"), chat_template=ref.get("chat_template"),
+                                              adapter_path=ref.get("adapter_path"))[0])
+            defended.load_state_dict(whole)
     if context.is_main:
         out = job_dir / OUT
         out.mkdir(exist_ok=True)
-        save_checkpoint(result.model, tokenizer, out / "model")
+        save_checkpoint(defended, tokenizer, out / "model")
         save_file({"perturbation": result.perturbation.contiguous()}, out / "perturbation.safetensors")
         meta = {"history": result.history, "config": result.config.to_dict(), "resumed_from": result.resumed_from,
                 "hidden_scale": result.hidden_scale, "convergence": result.convergence, "monitor": [list(m) for m in result.monitor],

@@ -155,7 +155,7 @@ class _Run:
         config = _sized(model, config, layer)  # `auto` sizes chosen for this model, for every caller
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.dist = distributed.current()  # one rank unless run under torch.distributed (distributed.py)
-        distributed.check_hardening(config, self.dist.world_size)  # also under a torchrun the node did not launch
+        distributed.check_hardening(config, self.dist.world_size, self.dist.sharding)  # also under a torchrun the node did not launch
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad_id(tokenizer)
         dtype = autocast_dtype(config.precision, self.device)
@@ -240,11 +240,13 @@ class _Run:
         }
 
     def restore(self, weights: dict[str, torch.Tensor], state: dict) -> int:
-        self.outer_opt.set_weights([weights[name] for name in self.names])
+        # under FSDP the checkpoint's whole tensors become this rank's shards (distributed.placed)
+        self.outer_opt.set_weights([self.dist.placed(weights[name], m) for name, m in zip(self.names, self.outer_opt.masters, strict=True)])
         with torch.no_grad():
             self.delta.copy_(state["delta"])
         self.inner_opt.load_state_dict(state["inner_opt"])
-        self.outer_opt.load_state_dict(state["outer_opt"])
+        outer = state["outer_opt"]
+        self.outer_opt.load_state_dict({**outer, "optimizer": self.dist.placed_optimizer_state(outer["optimizer"], self.outer_opt.masters)})
         self.generator.set_state(state["generator"])
         self.weight_change.resume(state["weight_change_start"], self.params)
         self.check_generator.set_state(state["check_generator"])
@@ -307,6 +309,7 @@ def _inner_level(run: _Run, safe: Batch, index, unwanted: Batch, unwanted_index,
             record["restarted"] = True
     for p in run.params:
         p.requires_grad_(True)
+    run.dist.regather(run.model)  # FSDP: drop the weights gathered while frozen
     run.model.train()
     record.update(found, unwanted_loss_unperturbed=clean)
 
@@ -376,8 +379,8 @@ def _one_round(run: _Run, round_: int, relative_norms, check: bool, monitor, jud
     record: dict = {"round": round_}
     if config.defence == "beear":
         _inner_level(run, safe, index, unwanted, unwanted_index, record, check)
-        if check:  # distributed: measured on rank 0, the same decision on every rank
-            record.update(run.dist.on_main(lambda: _check_entrapment(run, monitor, judge, system_prompt, {})))
+        if check:  # distributed: measured on rank 0 (under FSDP on every rank), the same decision on every rank
+            record.update(run.dist.agreed(lambda: _check_entrapment(run, monitor, judge, system_prompt, {})))
     else:
         _measure_scale(run, safe, index)
     if config.defence == "random_perturbation":
@@ -577,6 +580,7 @@ def run_beear(
     start_weights = model_fingerprint(model) if config.checkpoint_dir else None
     torch.manual_seed(config.seed)  # before LoRA, whose adapters are initialised at random
     model = _prepare_model(model, config, layer)
+    model = distributed.current().shard(model)  # sharding: fsdp: each rank holds a slice of every weight
     run = _Run(model, tokenizer, safety_examples, anchoring_examples, config, layer)
     config = run.config  # with its `auto` sizes chosen for this model
     run.monitor = monitor

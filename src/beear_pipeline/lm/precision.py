@@ -56,6 +56,15 @@ def resolution(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor (a weight sharded by FSDP) is gathered from every rank (collective:
+    every rank must call it, in the same order), one tensor at a time, so the sample is the same
+    entries a one-process run samples."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 class WeightChange:
     """The relative update of each step and the share of weight entries changed since the start,
     in the precision the weights are stored in, measured on up to ``per_tensor`` fixed entries of
@@ -78,7 +87,7 @@ class WeightChange:
         self.last = self._sample(params)
 
     def _sample(self, params) -> list[torch.Tensor]:
-        return [p.detach().reshape(-1)[i].float().clone() for p, i in zip(params, self.index, strict=True)]
+        return [_whole(p.detach()).reshape(-1)[i].float().clone() for p, i in zip(params, self.index, strict=True)]
 
     def update(self, params: Sequence[torch.Tensor]) -> dict[str, float]:
         """``weight_update_relative`` (||step|| / ||weights|| on the sample) and

@@ -52,7 +52,7 @@ def _defend(suspect_model: dict, safety, anchoring, config: BeearConfig, relativ
     part of, or as a torchrun job of ``distributed.num_processes`` processes launched from here."""
     distributed = distributed or DistributedConfig()
     if distributed.num_processes > 1 and not dist.under_launcher():
-        dist.check_job(len(safety), len(anchoring), config, distributed.num_processes)  # before any process starts
+        dist.check_job(len(safety), len(anchoring), config, distributed.num_processes, distributed.sharding)  # before any process starts
         folder = tempfile.mkdtemp(prefix=f"{config.defence}-distributed-")
         job = dist.write_job(folder, suspect_model, safety, anchoring, config, system_prompt=system_prompt, relative_norms=relative_norms,
                              backend=distributed.backend, sharding=distributed.sharding)
@@ -61,6 +61,9 @@ def _defend(suspect_model: dict, safety, anchoring, config: BeearConfig, relativ
         for record in result.history:
             on_round(record["round"], record)
         return result, tokenizer
+    if dist.under_launcher() and distributed.sharding == "fsdp":  # the node's later steps would get a sharded model
+        raise ValueError("distributed.sharding: fsdp runs as a job the node launches (distributed.num_processes > 1), not in a "
+                         "Kedro run started under torchrun: launch kedro without torchrun, or use distributed.sharding: none or optimizer")
     context = dist.init_from_env(distributed.backend, distributed.sharding) if dist.under_launcher() else dist.Context()
     model, tokenizer = load_model_ref(suspect_model)
     with dist.using(context):
