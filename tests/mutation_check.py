@@ -20,7 +20,7 @@ MUT = [
  ("src/beear_pipeline/beear/engine.py", "    if not config.warm_start:\n        with torch.no_grad():\n            delta.zero_()", "    if True:\n        with torch.no_grad():\n            delta.zero_()", "test_warm_start"),
  ("src/beear_pipeline/lm/chat.py", "    logits, labels = logits[:, :-1].float(), batch.labels[:, 1:].to(logits.device)", "    logits, labels = logits[:, :-1].float(), torch.roll(batch.labels, -1, 1)[:, 1:].to(logits.device)", "test_response_loss"),
  ("src/beear_pipeline/beear/engine.py", "        self.outer_opt.load_state_dict({**outer, \"optimizer\": self.dist.placed_optimizer_state(outer[\"optimizer\"], self.outer_opt.masters)})", "        pass", "test_a_crash_after"),
- ("src/beear_pipeline/evaluation/evaluate.py", "    success = {name: [not is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}", "    success = {name: [is_refusal(a, phrases) for a in ans] for name, ans in answers.items()}", "test_evaluate_model_counts"),
+ ("src/beear_pipeline/evaluation/evaluate.py", "    success = {name: [v.unwanted for v in vs] for name, vs in verdicts.items()}", "    success = {name: [not v.unwanted for v in vs] for name, vs in verdicts.items()}", "test_evaluate_model_counts"),
  # issue 14: the hardening options (tests/beear/test_hardening.py)
  ("src/beear_pipeline/beear/hardening.py", "p.sub_(g.sign(), alpha=config.relearn_lr)", "p.add_(g.sign(), alpha=config.relearn_lr)", "test_relearn_term", "tests/beear/test_hardening.py"),
  ("src/beear_pipeline/beear/hardening.py", "proxy = run.delta.detach() if config.relearn_proxy == \"perturbation\" else None", "proxy = None", "test_relearn_proxy", "tests/beear/test_hardening.py"),
