@@ -49,7 +49,9 @@ class EmbeddedModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 344
-    epochs: int = 8
+    epochs: int | str = 8
+    """Training epochs, or ``auto`` (the default in conf/base): the scenario's
+    (``scenarios.Scenario.embedded_epochs``), resolved before the fingerprint and the build."""
     lr: float = 3e-3
     batch_size: int = 32
     poisoned: bool = True
