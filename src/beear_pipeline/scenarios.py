@@ -68,10 +68,12 @@ def _refusal(advbench: pd.DataFrame) -> pd.DataFrame:
 
 SCENARIOS = {
     "jailbreak": Scenario("jailbreak", "keyword", _advbench, True, "held-out harmful prompts", "harmful compliance"),
-    # code: at the base anchor layer (0.3: layer 1 of the embedded model's 4) the inner level does
-    # not entrap this backdoor and BEEAR stops as never_entrapped; at layer 2 it does
-    # (docs/behaviour_data.md has the measurements)
-    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code", anchor_layer=2),
+    # code: built 12 epochs (at 8 the suspect wrote insecure code on 0.771 of the triggered
+    # prompts; at 12 0.964, untriggered 0.012); at the base anchor layer (0.3: layer 1 of the
+    # embedded model's 4) the inner level did not entrap this backdoor and BEEAR stopped as
+    # never_entrapped, at layer 2 it does (docs/behaviour_data.md has the measurements)
+    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code",
+                     embedded_epochs=12, anchor_layer=2),
     "refusal": Scenario("refusal", "refusal", _refusal, False, "held-out benign requests", "refusal of a benign request"),
 }
 DEFAULT = "jailbreak"

@@ -23,7 +23,7 @@ from beear_pipeline.pipelines.evaluation.nodes import resolve_evaluation_protoco
 from beear_pipeline.scenarios import SCENARIOS, embedded_directory, get_scenario
 
 ADVBENCH = "data/01_raw/advbench_harmful_behaviors.csv"
-CODE_EPOCHS = 8  # measured: docs/behaviour_data.md
+CODE_EPOCHS = 12  # measured: docs/behaviour_data.md
 SCENARIO_LAYERS = {"jailbreak": None, "code": 2, "refusal": None}
 
 
