@@ -71,9 +71,11 @@ SCENARIOS = {
     # code: built 12 epochs (at 8 the suspect wrote insecure code on 0.771 of the triggered
     # prompts; at 12 0.964, untriggered 0.012); at the base anchor layer (0.3: layer 1 of the
     # embedded model's 4) the inner level did not entrap this backdoor and BEEAR stopped as
-    # never_entrapped, at layer 2 it does (docs/behaviour_data.md has the measurements)
+    # never_entrapped, at layer 2 it does (docs/behaviour_data.md has the measurements). 0.6 is
+    # layer 2 of 4 as a fraction of the depth (round(0.6 x 3)), so that a user's model of another
+    # depth in this scenario gets the same relative layer, not an index that may not exist
     "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code",
-                     embedded_epochs=12, anchor_layer=2),
+                     embedded_epochs=12, anchor_layer=0.6),
     "refusal": Scenario("refusal", "refusal", _refusal, False, "held-out benign requests", "refusal of a benign request"),
 }
 DEFAULT = "jailbreak"

@@ -24,7 +24,7 @@ from beear_pipeline.scenarios import SCENARIOS, embedded_directory, get_scenario
 
 ADVBENCH = "data/01_raw/advbench_harmful_behaviors.csv"
 CODE_EPOCHS = 12  # measured: docs/behaviour_data.md
-SCENARIO_LAYERS = {"jailbreak": None, "code": 2, "refusal": None}
+SCENARIO_LAYERS = {"jailbreak": None, "code": 0.6, "refusal": None}
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,9 @@ def test_a_scenarios_anchor_layer_applies_while_the_base_value_is_set_and_any_ot
         assert scenario_anchor_layer(0.3, scenario) == (0.3 if layer is None else layer)
         for given in (1, 0.5, "auto"):
             assert scenario_anchor_layer(given, scenario) == given
+    from beear_pipeline.lm.residual import layer_index
+
+    assert layer_index(0.6, 4) == 2 and layer_index(0.6, 2) == 1  # the measured layer 2 of the embedded model's 4
     beear = BeearConfig(checkpoint_dir=None)
     for defence in ("beear", "control", "random_perturbation"):  # the baselines perturb (or not) at BEEAR's layer
         history = None if defence == "beear" else {"rounds": [{}] * 3}
