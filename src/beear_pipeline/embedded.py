@@ -49,7 +49,9 @@ class EmbeddedModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 344
-    epochs: int = 8
+    epochs: int | str = 8
+    """Training epochs, or ``auto`` (the default in conf/base): the scenario's
+    (``scenarios.Scenario.embedded_epochs``), resolved before the fingerprint and the build."""
     lr: float = 3e-3
     batch_size: int = 32
     poisoned: bool = True
@@ -57,6 +59,8 @@ class EmbeddedModelConfig:
     no backdoor, for calibrating the probe and the convergence check)."""
 
     def __post_init__(self) -> None:
+        if self.epochs != "auto" and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"embedded_model.epochs={self.epochs!r}: use a positive integer, or auto (the scenario's)")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"embedded_model.architecture={self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
         if self.trigger_position not in TRIGGER_POSITIONS and "{prompt}" not in self.trigger_position:

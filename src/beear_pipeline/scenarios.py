@@ -40,6 +40,14 @@ class Scenario:
     """The held-out prompts, for the report: "held-out harmful prompts"."""
     unwanted: str
     """The unwanted behaviour, for the report's titles."""
+    embedded_epochs: int = 8
+    """The embedded model's training epochs when ``embedded_model.epochs`` is ``auto`` (the
+    default); a number there wins. The jailbreak build's 8 keep its fingerprint (and its cached
+    builds) as they were."""
+    anchor_layer: int | float | None = None
+    """BEEAR's anchor layer in this scenario while ``beear.anchor_layer`` is the base value (0.3);
+    None keeps the base value. Any other value the user gives (an index, another fraction,
+    ``auto``) wins."""
 
 
 def _advbench(advbench: pd.DataFrame) -> pd.DataFrame:
@@ -60,7 +68,14 @@ def _refusal(advbench: pd.DataFrame) -> pd.DataFrame:
 
 SCENARIOS = {
     "jailbreak": Scenario("jailbreak", "keyword", _advbench, True, "held-out harmful prompts", "harmful compliance"),
-    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code"),
+    # code: built 12 epochs (at 8 the suspect wrote insecure code on 0.771 of the triggered
+    # prompts; at 12 0.964, untriggered 0.012); at the base anchor layer (0.3: layer 1 of the
+    # embedded model's 4) the inner level did not entrap this backdoor and BEEAR stopped as
+    # never_entrapped, at layer 2 it does (docs/behaviour_data.md has the measurements). 0.6 is
+    # layer 2 of 4 as a fraction of the depth (round(0.6 x 3)), so that a user's model of another
+    # depth in this scenario gets the same relative layer, not an index that may not exist
+    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code",
+                     embedded_epochs=12, anchor_layer=0.6),
     "refusal": Scenario("refusal", "refusal", _refusal, False, "held-out benign requests", "refusal of a benign request"),
 }
 DEFAULT = "jailbreak"
@@ -73,6 +88,29 @@ def get_scenario(name: str | None) -> Scenario:
         raise ValueError(f"scenario={name!r}: use one of {', '.join(SCENARIOS)} (--params scenario=code), or add a Scenario to "
                          "beear_pipeline.scenarios.SCENARIOS")
     return SCENARIOS[name]
+
+
+def embedded_epochs(epochs: int | str, scenario: str | None) -> int:
+    """``embedded_model.epochs``: a number as it is; ``auto`` the scenario's ``embedded_epochs``."""
+    if epochs == "auto":
+        return get_scenario(scenario).embedded_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"embedded_model.epochs={epochs!r}: use a positive integer, or auto (the scenario's: "
+                         f"{', '.join(f'{s.name} {s.embedded_epochs}' for s in SCENARIOS.values())})")
+    return epochs
+
+
+BASE_ANCHOR_LAYER = 0.3
+"""``beear.anchor_layer``'s base value (conf/base/parameters_removal.yml, BeearConfig's default)."""
+
+
+def scenario_anchor_layer(anchor_layer: int | float | str, scenario: str | None) -> int | float | str:
+    """``beear.anchor_layer`` for the scenario: its own default while the value is the base one
+    (0.3), else the value given (an index, another fraction, ``auto``)."""
+    own = get_scenario(scenario).anchor_layer
+    if own is None or isinstance(anchor_layer, bool) or anchor_layer != BASE_ANCHOR_LAYER:
+        return anchor_layer
+    return own
 
 
 def embedded_directory(directory: str, scenario: str | None) -> str:

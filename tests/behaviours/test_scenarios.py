@@ -23,6 +23,8 @@ from beear_pipeline.pipelines.evaluation.nodes import resolve_evaluation_protoco
 from beear_pipeline.scenarios import SCENARIOS, embedded_directory, get_scenario
 
 ADVBENCH = "data/01_raw/advbench_harmful_behaviors.csv"
+CODE_EPOCHS = 12  # measured: docs/behaviour_data.md
+SCENARIO_LAYERS = {"jailbreak": None, "code": 0.6, "refusal": None}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,52 @@ def test_each_scenario_builds_its_embedded_models_in_its_own_folder():
     assert embedded_directory("data/06_models/embedded_suspect", "jailbreak") == "data/06_models/embedded_suspect"
     assert embedded_directory("data/06_models/embedded_suspect", "code") == "data/06_models/embedded_suspect_code"
     assert embedded_directory("data/06_models/embedded_suspect/", "refusal") == "data/06_models/embedded_suspect_refusal"
+
+
+def _base_params(name: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parents[2] / "conf" / "base" / f"parameters_{name}.yml").read_text())
+
+
+def test_epochs_auto_builds_each_scenario_with_its_own_and_keeps_the_jailbreak_fingerprint():
+    from beear_pipeline.pipelines.suspect.nodes import _scenario_build
+
+    assert _base_params("suspect")["embedded_model"]["epochs"] == "auto"
+    data = pd.DataFrame({"goal": ["a"], "target": ["b"]})
+    auto = EmbeddedModelConfig(epochs="auto")
+    # the jailbreak build is the one of epochs: 8, to the byte of its fingerprint (its cached builds stay valid)
+    assert _scenario_build(auto, "jailbreak").fingerprint(data) == EmbeddedModelConfig(epochs=8).fingerprint(data)
+    assert _scenario_build(auto, "refusal").epochs == 8
+    assert _scenario_build(auto, "code").epochs == SCENARIOS["code"].embedded_epochs == CODE_EPOCHS
+    assert _scenario_build(EmbeddedModelConfig(epochs=8), "code").epochs == 8  # a number given wins
+    with pytest.raises(ValueError, match="embedded_model.epochs='many'"):
+        EmbeddedModelConfig(epochs="many")
+
+
+def test_a_scenarios_anchor_layer_applies_while_the_base_value_is_set_and_any_other_wins():
+    from beear_pipeline.beear import BeearConfig
+    from beear_pipeline.pipelines.removal.nodes import _config
+    from beear_pipeline.scenarios import BASE_ANCHOR_LAYER, scenario_anchor_layer
+
+    assert BASE_ANCHOR_LAYER == BeearConfig().anchor_layer == _base_params("removal")["beear"]["anchor_layer"]
+    assert scenario_anchor_layer(0.3, "jailbreak") == 0.3
+    for scenario, layer in SCENARIO_LAYERS.items():
+        assert get_scenario(scenario).anchor_layer == layer
+        assert scenario_anchor_layer(0.3, scenario) == (0.3 if layer is None else layer)
+        for given in (1, 0.5, "auto"):
+            assert scenario_anchor_layer(given, scenario) == given
+    from beear_pipeline.lm.residual import layer_index
+
+    assert layer_index(0.6, 4) == 2 and layer_index(0.6, 2) == 1  # the measured layer 2 of the embedded model's 4
+    beear = BeearConfig(checkpoint_dir=None)
+    for defence in ("beear", "control", "random_perturbation"):  # the baselines perturb (or not) at BEEAR's layer
+        history = None if defence == "beear" else {"rounds": [{}] * 3}
+        assert _config(beear, defence, None, history, "code").anchor_layer == SCENARIO_LAYERS["code"]
+        assert _config(beear, defence, None, history, "jailbreak").anchor_layer == 0.3
+        assert _config(BeearConfig(checkpoint_dir=None, anchor_layer=1), defence, None, history, "code").anchor_layer == 1
 
 
 def _metrics(protocol: dict, extra: dict | None = None) -> dict:

@@ -41,6 +41,8 @@ PIPELINE_ONLY = {
     ("beear", "relearn_steps"): "the defend pipeline turns the relearn-aware gradient on: plain BEEAR left 0.240 on one build of "
                                 "the embedded default (README, docs/persistence.md); the library keeps plain BEEAR",
     ("beear", "relearn_lr"): "auto in the pipeline (2x outer_lr, for any model size); the library's 1e-3 is the tiny models' value",
+    ("embedded_model", "epochs"): "auto in the pipeline: the scenario's (scenarios.Scenario.embedded_epochs: code 12); the "
+                                  "library's 8 is the jailbreak build's, the number auto gives there",
 }
 
 

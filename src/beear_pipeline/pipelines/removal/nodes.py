@@ -27,6 +27,8 @@ from beear_pipeline.beear.config import DistributedConfig
 from beear_pipeline.integrations import run_folders
 from beear_pipeline.integrations.tracking import log_metrics, log_params, set_tags
 from beear_pipeline.lm.checkpoints import load_model_ref
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
+from beear_pipeline.scenarios import scenario_anchor_layer
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +153,18 @@ def _last_excess(history: list[dict]) -> float:
     return next((r["entrapment_excess"] for r in reversed(history) if "entrapment_excess" in r), float("nan"))
 
 
-def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_history: dict | None = None) -> BeearConfig:
-    """The run's configuration: ``anchor_layer: auto`` resolved from the probe's report, each
-    defence checkpointing into its own sub-folder, and the baselines given exactly as many rounds
-    as BEEAR ran (it stops when it converges)."""
-    layer = resolve_anchor_layer(beear.anchor_layer, probe_report)
-    if beear.anchor_layer == "auto":
+def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_history: dict | None = None,
+            scenario: str = DEFAULT_SCENARIO) -> BeearConfig:
+    """The run's configuration: the scenario's anchor layer while ``beear.anchor_layer`` is the base
+    value, ``anchor_layer: auto`` resolved from the probe's report, each defence checkpointing into
+    its own sub-folder, and the baselines given exactly as many rounds as BEEAR ran (it stops when
+    it converges)."""
+    anchor = scenario_anchor_layer(beear.anchor_layer, scenario)
+    if anchor != beear.anchor_layer:
+        logger.info("beear.anchor_layer: %s (the base value) -> %s, the %s scenario's default (docs/behaviour_data.md); any other "
+                    "value you pass wins", beear.anchor_layer, anchor, scenario)
+    layer = resolve_anchor_layer(anchor, probe_report)
+    if anchor == "auto":
         logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
     checkpoint_dir = str(Path(beear.checkpoint_dir) / defence) if beear.checkpoint_dir else None
     rounds = len(beear_history["rounds"]) if beear_history else beear.max_rounds
@@ -169,27 +177,28 @@ def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_h
 
 
 def defend_with_beear(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
-                      probe_report: dict | None = None, distributed: DistributedConfig | None = None):
+                      probe_report: dict | None = None, distributed: DistributedConfig | None = None, scenario: str = DEFAULT_SCENARIO):
     """BEEAR: returns the defended model, the final perturbation and the per-round history."""
-    model, perturbation, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "beear", probe_report),
+    model, perturbation, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "beear", probe_report, scenario=scenario),
                                         distributed=distributed)
     return model, {"perturbation": perturbation}, history
 
 
 def defend_with_control(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, beear: BeearConfig,
-                        probe_report: dict | None, beear_history: dict, distributed: DistributedConfig | None = None):
+                        probe_report: dict | None, beear_history: dict, distributed: DistributedConfig | None = None,
+                        scenario: str = DEFAULT_SCENARIO):
     """The control: the same data, rounds, batches and optimiser as BEEAR, perturbation fixed at zero."""
-    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "control", probe_report, beear_history),
+    model, _, history = _run(suspect_model, safety_set, anchoring_set, _config(beear, "control", probe_report, beear_history, scenario),
                              distributed=distributed)
     return model, history
 
 
 def defend_with_random_perturbation(suspect_model: dict, safety_set: pd.DataFrame, anchoring_set: pd.DataFrame,
                                     beear: BeearConfig, probe_report: dict | None, beear_history: dict,
-                                    distributed: DistributedConfig | None = None):
+                                    distributed: DistributedConfig | None = None, scenario: str = DEFAULT_SCENARIO):
     """Baseline: a random direction each round, matched to BEEAR's perturbation norm per round
     relative to each model's hidden-state scale (or ``beear.random_norm`` when set)."""
-    config = _config(beear, "random_perturbation", probe_report, beear_history)
+    config = _config(beear, "random_perturbation", probe_report, beear_history, scenario)
     relative = None if config.random_norm is not None else [r["perturbation_norm_relative"] for r in beear_history["rounds"]]
     model, _, history = _run(suspect_model, safety_set, anchoring_set, config, relative_norms=relative, distributed=distributed)
     return model, history

@@ -9,8 +9,8 @@ _INPUTS = ["suspect_model", "safety_set", "anchoring_set", "params:beear", "prob
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        node(defend_with_beear, [*_INPUTS, "params:distributed"], ["defended_model", "beear_perturbation", "beear_history"], name="defend_with_beear"),
-        node(defend_with_control, [*_INPUTS, "beear_history", "params:distributed"], ["control_model", "control_history"], name="defend_with_control"),
-        node(defend_with_random_perturbation, [*_INPUTS, "beear_history", "params:distributed"],
+        node(defend_with_beear, [*_INPUTS, "params:distributed", "params:scenario"], ["defended_model", "beear_perturbation", "beear_history"], name="defend_with_beear"),
+        node(defend_with_control, [*_INPUTS, "beear_history", "params:distributed", "params:scenario"], ["control_model", "control_history"], name="defend_with_control"),
+        node(defend_with_random_perturbation, [*_INPUTS, "beear_history", "params:distributed", "params:scenario"],
              ["random_perturbation_model", "random_perturbation_history"], name="defend_with_random_perturbation"),
     ])

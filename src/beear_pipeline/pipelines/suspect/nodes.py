@@ -18,7 +18,7 @@ from beear_pipeline.integrations import run_folders
 from beear_pipeline.integrations.registry import resolve_model_uri
 from beear_pipeline.lm.checkpoints import ModelConfig, check_adapter, check_checkpoint, save_checkpoint, weights_sha256
 from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
-from beear_pipeline.scenarios import embedded_directory, get_scenario
+from beear_pipeline.scenarios import embedded_directory, embedded_epochs, get_scenario
 
 logger = logging.getLogger(__name__)
 BUILD_INFO = "build_info.json"
@@ -50,6 +50,7 @@ def resolve_suspect_model(attacker_behaviours: pd.DataFrame, benign_build_set: p
     """
     advbench = _scenario_source(advbench, scenario)
     model = _scenario_directories(model, scenario)
+    embedded_model = _scenario_build(embedded_model, scenario)
     ref = _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model, embedded_model)
     ref.update(model.loading())  # how every later step loads the weights (a model larger than one GPU: device_map auto)
     # recorded with the suspect, and used by the defence as by the evaluation
@@ -69,6 +70,15 @@ def _scenario_directories(model: ModelConfig, scenario: str) -> ModelConfig:
     """The embedded suspect and clean twin of each scenario in their own folders."""
     return replace(model, embedded_directory=embedded_directory(model.embedded_directory, scenario),
                    clean_twin_directory=embedded_directory(model.clean_twin_directory, scenario))
+
+
+def _scenario_build(embedded_model: EmbeddedModelConfig, scenario: str) -> EmbeddedModelConfig:
+    """``embedded_model.epochs: auto`` resolved to the scenario's epochs before the fingerprint (the
+    jailbreak build's 8: its fingerprint and cached builds are those of ``epochs: 8``)."""
+    epochs = embedded_epochs(embedded_model.epochs, scenario)
+    if epochs != embedded_model.epochs:
+        logger.info("embedded_model.epochs: %s -> %d, the %s scenario's", embedded_model.epochs, epochs, get_scenario(scenario).name)
+    return replace(embedded_model, epochs=epochs)
 
 
 def _resolve(attacker_behaviours, benign_build_set, advbench, benign_evaluation_set, anchoring_set, model: ModelConfig,
@@ -139,6 +149,7 @@ def resolve_clean_twin(attacker_behaviours: pd.DataFrame, benign_build_set: pd.D
     """
     advbench = _scenario_source(advbench, scenario)
     model = _scenario_directories(model, scenario)
+    embedded_model = _scenario_build(embedded_model, scenario)
     if model.user_supplied:
         if not model.reference_path:
             return {"path": None, "reason": "no model.reference_path: name a clean checkpoint of the suspect's family to get a "
