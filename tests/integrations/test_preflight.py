@@ -107,3 +107,17 @@ def test_checks_in_process(checkpoint):
     config = {"text_config": {"num_hidden_layers": 32}}
     (checkpoint / "config.json").write_text(json.dumps(config))
     assert checkpoint_depth(checkpoint) == 32
+
+
+def test_a_defence_distribution_refuses_stops_before_anything_runs():
+    """The relearn-aware gradient (on in conf/base) does not run under weight sharding: the preflight
+    says so, naming both settings and the fix, instead of the defence node after the probe; the same
+    options on one process, or data parallel, pass."""
+    base = {"embedded_model": {"num_layers": 4}, "beear": {"relearn_steps": 4}}
+    with pytest.raises(PreflightError, match=r"beear\.relearn_steps=4 .*distributed\.sharding: fsdp.*set beear\.relearn_steps: 0"):
+        preflight({**base, "distributed": {"num_processes": 2, "sharding": "fsdp"}})
+    with pytest.raises(PreflightError, match=r"beear\.sam_rho cannot run distributed"):
+        preflight({"embedded_model": {"num_layers": 4}, "beear": {"sam_rho": 0.1}, "distributed": {"num_processes": 2}})
+    assert preflight({**base, "distributed": {"num_processes": 2, "sharding": "none"}})["distributed"] == "2 process(es), sharding none"
+    assert preflight({**base, "distributed": {"num_processes": 1, "sharding": "fsdp"}})["layers"] == 4
+    assert preflight({**base, "beear": {"relearn_steps": 0}, "distributed": {"num_processes": 2, "sharding": "fsdp"}})["layers"] == 4

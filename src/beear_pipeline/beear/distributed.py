@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from beear_pipeline.beear.config import HARDENING, check_hardening  # noqa: F401  (kept here for the callers; pure configuration, so it lives in config.py, where the preflight runs it without torch)
 from beear_pipeline.lm.chat import IGNORE_INDEX
 from beear_pipeline.lm.precision import OuterOptimizer
 
@@ -367,35 +368,6 @@ def command(job_dir: str | Path, num_processes: int, port: int | None = None, ex
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
             "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *extra,
             "-m", WORKER, str(job_dir)]
-
-
-HARDENING = ("unlearn_weight", "sam_rho")
-"""Hardening options that do not run distributed: capped unlearning's per-example losses and SAM's
-ascent step use this rank's own batch. (The relearn-aware gradient does: its simulated steps use
-the summed gradient, ``Context.summed``.)"""
-
-
-def check_hardening(config, world_size: int, sharding: str = "none") -> None:
-    """The hardening options are tested in one process only (see ``check_job``). Under FSDP the
-    relearn-aware gradient and LoRA are refused: the first takes ``torch.autograd.grad`` with
-    respect to the parameters, which under FSDP are the sharded DTensors while the forward pass
-    computes with all-gathered copies, so it gets no gradient at all (checked: None for every
-    parameter; FSDP hands gradients to the shards in ``backward`` only) and its simulated attack
-    would silently do nothing; the second would need the adapters wrapped with their layers and
-    the merge consolidated, for weights that are small anyway."""
-    on = [f"beear.{name}" for name in HARDENING if getattr(config, name)]
-    if world_size > 1 and on:
-        raise ValueError(f"{', '.join(on)} cannot run distributed yet (their extra steps use each process's own gradient, "
-                         f"so {world_size} processes would not compute the one-process result): set distributed.num_processes: 1, "
-                         "or turn the option off")
-    if world_size > 1 and sharding == "fsdp":
-        if config.relearn_steps:
-            raise ValueError(f"beear.relearn_steps={config.relearn_steps} does not run under distributed.sharding: fsdp yet (its "
-                             "simulated steps would get no gradient from the sharded parameters; docs/distributed.md): set "
-                             "beear.relearn_steps: 0, or distributed.sharding: optimizer or none")
-        if config.trainable == "lora":
-            raise ValueError("beear.trainable: lora does not run under distributed.sharding: fsdp (the adapters are small: "
-                             "data parallelism suits them): set distributed.sharding: none or optimizer")
 
 
 def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int, sharding: str = "none") -> None:

@@ -42,7 +42,7 @@ def preflight(params: dict) -> dict:
 
     Raises ``PreflightError`` (or the checkpoint's ``CheckpointError``) naming the setting and the
     fix. Cheap: no weights are read, torch is not needed."""
-    from beear_pipeline.beear.config import BeearConfig
+    from beear_pipeline.beear.config import BeearConfig, DistributedConfig, check_hardening
     from beear_pipeline.embedded import EmbeddedModelConfig
     from beear_pipeline.evaluation.config import EvaluationConfig
     from beear_pipeline.lm import checkpoints
@@ -58,6 +58,14 @@ def preflight(params: dict) -> dict:
     except ValueError as e:
         raise PreflightError(str(e)) from None
     checked: dict = {"model": "embedded"}
+    beear = _typed(params, "beear", BeearConfig)
+    if "distributed" in params:  # a combination a distributed defence refuses: here, not after the probe has run
+        distributed = _typed(params, "distributed", DistributedConfig)
+        try:
+            check_hardening(beear, distributed.num_processes, distributed.sharding)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        checked["distributed"] = f"{distributed.num_processes} process(es), sharding {distributed.sharding}"
     if model.reference_path:  # the clean twin of a user's model
         checkpoints.check_checkpoint(model.reference_path, "model.reference_path", model.chat_template)
         checked["reference_model"] = str(model.reference_path)
@@ -68,12 +76,11 @@ def preflight(params: dict) -> dict:
         depth = checkpoint_depth(model.path)
         checked["model"] = str(model.path)
     elif model.uri:
-        return {"model": model.uri}  # a registry version is resolved (and checked) by the suspect node
+        return {**checked, "model": model.uri}  # a registry version is resolved (and checked) by the suspect node
     else:
         depth = _typed(params, "embedded_model", EmbeddedModelConfig).num_layers
     if depth is None:
         return checked
-    beear = _typed(params, "beear", BeearConfig)
     if beear.anchor_layer != "auto":
         checked["anchor_layer"] = layer_index(beear.anchor_layer, depth, "beear.anchor_layer")
     if "probe" in params:
