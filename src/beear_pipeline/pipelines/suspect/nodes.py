@@ -72,9 +72,12 @@ def _scenario_directories(model: ModelConfig, scenario: str) -> ModelConfig:
                    clean_twin_directory=embedded_directory(model.clean_twin_directory, scenario))
 
 
-def _scenario_build(embedded_model: EmbeddedModelConfig, scenario: str) -> EmbeddedModelConfig:
+def _scenario_build(embedded_model: EmbeddedModelConfig | None, scenario: str) -> EmbeddedModelConfig | None:
     """``embedded_model.epochs: auto`` resolved to the scenario's epochs before the fingerprint (the
-    jailbreak build's 8: its fingerprint and cached builds are those of ``epochs: 8``)."""
+    jailbreak build's 8: its fingerprint and cached builds are those of ``epochs: 8``). None (a
+    caller with a user's model, which builds nothing) stays None."""
+    if embedded_model is None:
+        return None
     epochs = embedded_epochs(embedded_model.epochs, scenario)
     if epochs != embedded_model.epochs:
         logger.info("embedded_model.epochs: %s -> %d, the %s scenario's", embedded_model.epochs, epochs, get_scenario(scenario).name)
