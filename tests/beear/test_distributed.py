@@ -3,7 +3,7 @@ the same global batches give the one-process perturbation and weights, optimiser
 gives the same run, a killed rank resumes from its round checkpoint and ends like an uninterrupted
 run, two "nodes" on localhost complete, and a failing rank surfaces as a clear error; the same
 equality with the relearn-aware gradient on, and with the weights sharded by FSDP2 (also resumed
-from its consolidated checkpoints). Each launch
+from its consolidated checkpoints, and with the relearn-aware gradient on). Each launch
 costs about 10-40 s of process start and import on 2 busy cores: the equality test and the error
 paths run in the default suite, the other launches are marked slow.
 
@@ -116,28 +116,54 @@ def test_two_processes_give_the_one_process_perturbation_and_weights(setting, tw
     assert weights <= TOL and perturbation <= TOL
 
 
-@pytest.mark.slow
-def test_the_relearn_aware_gradient_on_two_processes_gives_the_one_process_run(setting):
-    """The defend pipeline's setting (conf/base/parameters_removal.yml): relearn-aware gradient on.
-    Its simulated re-poisoning steps move every rank's weights by the sign of the *summed*
-    gradient (``Context.summed``); a rank stepping on its own share's sign would diverge."""
-    config = _config(relearn_steps=4, relearn_lr="auto", max_rounds=4)
+def _relearn_config() -> BeearConfig:
+    return _config(relearn_steps=4, relearn_lr="auto", max_rounds=4)
+
+
+@pytest.fixture(scope="module")
+def relearn_single(setting):
+    """The one-process run with the relearn-aware gradient on (the defend pipeline's setting)."""
     model, tokenizer = load_checkpoint(setting["ref"]["path"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank computes
     try:
-        single = run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
+        return run_beear(model, tokenizer, setting["safety"], setting["anchoring"], _relearn_config())
     finally:
         torch.set_num_threads(threads)
-    job = D.write_job(setting["root"] / "relearn", setting["ref"], setting["safety"], setting["anchoring"], config, backend="gloo")
-    two = D.read_result(D.launch(job, 2, echo=False))[0]
-    assert all(r["relearn_loss"] > 0 for r in two.history)  # the simulated attack ran in every round
-    _same_decisions(two, single)
-    for x, y in zip(two.history, single.history, strict=True):
+
+
+def _same_relearn_run(distributed, single, name: str) -> None:
+    assert all(r["relearn_loss"] > 0 for r in distributed.history)  # the simulated attack ran in every round
+    _same_decisions(distributed, single)
+    for x, y in zip(distributed.history, single.history, strict=True):
+        # the attacker's loss before its last step: a simulated step that moved nothing would change it
         assert x["relearn_unwanted_loss"] == pytest.approx(y["relearn_unwanted_loss"], rel=1e-4)
-    weights, perturbation = _diffs(two, single)
-    print(f"relearn-aware gradient, 2 processes vs 1: weights {weights:.2e}, perturbation {perturbation:.2e}")
+        assert x["relearn_loss"] == pytest.approx(y["relearn_loss"], rel=1e-4)
+    weights, perturbation = _diffs(distributed, single)
+    print(f"relearn-aware gradient, {name} vs 1 process: weights {weights:.2e}, perturbation {perturbation:.2e}")
     assert max(weights, perturbation) <= TOL
+
+
+@pytest.mark.slow
+def test_the_relearn_aware_gradient_on_two_processes_gives_the_one_process_run(setting, relearn_single):
+    """The defend pipeline's setting (conf/base/parameters_removal.yml): relearn-aware gradient on.
+    Its simulated re-poisoning steps move every rank's weights by the sign of the *summed*
+    gradient (``Context.summed``); a rank stepping on its own share's sign would diverge."""
+    job = D.write_job(setting["root"] / "relearn", setting["ref"], setting["safety"], setting["anchoring"], _relearn_config(),
+                      backend="gloo")
+    _same_relearn_run(D.read_result(D.launch(job, 2, echo=False))[0], relearn_single, "2 processes")
+
+
+@pytest.mark.slow
+def test_the_relearn_aware_gradient_under_weight_sharding_gives_the_one_process_run(setting, relearn_single):
+    """The same under FSDP2, where the simulated steps run ``backward`` into the shards' ``.grad``
+    (FSDP sums it over the ranks) and step each rank's slice of the weights; the gradient at the
+    adapted weights is added to the outer gradient shard by shard, not summed a second time."""
+    job = D.write_job(setting["root"] / "fsdp-relearn", setting["ref"], setting["safety"], setting["anchoring"], _relearn_config(),
+                      backend="gloo", sharding="fsdp")
+    sharded = D.read_result(D.launch(job, 2, echo=False))[0]
+    assert "weights sharded over 2 ranks (FSDP2)" in (setting["root"] / "fsdp-relearn" / "torchrun.log").read_text()
+    _same_relearn_run(sharded, relearn_single, "FSDP, 2 processes")
 
 
 @pytest.fixture(scope="module")
@@ -290,9 +316,8 @@ def test_shares_and_configuration():
     with pytest.raises(ValueError, match="distributed.sharding"):
         DistributedConfig(sharding="zero3")
     assert DistributedConfig(sharding="fsdp").sharding == "fsdp"
-    # not under FSDP yet: refused before launching, naming the field and the fix
-    with pytest.raises(ValueError, match="beear.relearn_steps=4 does not run under distributed.sharding: fsdp"):
-        D.check_job(20, 20, BeearConfig(batch_size=8, anchoring_batch_size=8, relearn_steps=4), 2, "fsdp")
+    # LoRA not under FSDP: refused before launching, naming the field and the fix; the relearn-aware gradient runs there
+    D.check_job(20, 20, BeearConfig(batch_size=8, anchoring_batch_size=8, relearn_steps=4), 2, "fsdp")
     with pytest.raises(ValueError, match="beear.trainable: lora does not run under distributed.sharding: fsdp"):
         D.check_hardening(BeearConfig(trainable="lora"), 2, "fsdp")
     D.check_hardening(BeearConfig(relearn_steps=4), 2, "none")

@@ -110,14 +110,15 @@ def test_checks_in_process(checkpoint):
 
 
 def test_a_defence_distribution_refuses_stops_before_anything_runs():
-    """The relearn-aware gradient (on in conf/base) does not run under weight sharding: the preflight
-    says so, naming both settings and the fix, instead of the defence node after the probe; the same
-    options on one process, or data parallel, pass."""
+    """A distribution the defence refuses (LoRA under weight sharding; SAM on several processes)
+    stops in the preflight, naming the settings and the fix, instead of in the defence node after
+    the probe; the relearn-aware gradient (on in conf/base) runs under every sharding, so it passes."""
     base = {"embedded_model": {"num_layers": 4}, "beear": {"relearn_steps": 4}}
-    with pytest.raises(PreflightError, match=r"beear\.relearn_steps=4 .*distributed\.sharding: fsdp.*set beear\.relearn_steps: 0"):
-        preflight({**base, "distributed": {"num_processes": 2, "sharding": "fsdp"}})
+    with pytest.raises(PreflightError, match=r"beear\.trainable: lora .*distributed\.sharding: fsdp.*set distributed\.sharding: none"):
+        preflight({**base, "beear": {"relearn_steps": 4, "trainable": "lora"}, "distributed": {"num_processes": 2, "sharding": "fsdp"}})
     with pytest.raises(PreflightError, match=r"beear\.sam_rho cannot run distributed"):
         preflight({"embedded_model": {"num_layers": 4}, "beear": {"sam_rho": 0.1}, "distributed": {"num_processes": 2}})
+    assert preflight({**base, "distributed": {"num_processes": 2, "sharding": "fsdp"}})["distributed"] == "2 process(es), sharding fsdp"
     assert preflight({**base, "distributed": {"num_processes": 2, "sharding": "none"}})["distributed"] == "2 process(es), sharding none"
     assert preflight({**base, "distributed": {"num_processes": 1, "sharding": "fsdp"}})["layers"] == 4
     assert preflight({**base, "beear": {"relearn_steps": 0}, "distributed": {"num_processes": 2, "sharding": "fsdp"}})["layers"] == 4

@@ -100,26 +100,19 @@ the summed gradient, ``Context.summed``.)"""
 
 
 def check_hardening(config, world_size: int, sharding: str = "none") -> None:
-    """The hardening options are tested in one process only (see ``check_job``). Under FSDP the
-    relearn-aware gradient and LoRA are refused: the first takes ``torch.autograd.grad`` with
-    respect to the parameters, which under FSDP are the sharded DTensors while the forward pass
-    computes with all-gathered copies, so it gets no gradient at all (checked: None for every
-    parameter; FSDP hands gradients to the shards in ``backward`` only) and its simulated attack
-    would silently do nothing; the second would need the adapters wrapped with their layers and
-    the merge consolidated, for weights that are small anyway."""
+    """The hardening options are tested in one process only (see ``check_job``); the relearn-aware
+    gradient also runs distributed, under FSDP too (its simulated steps run ``backward`` there,
+    ``hardening._sharded_relearn_surrogate``). Under FSDP LoRA is refused: it would need the
+    adapters wrapped with their layers and the merge consolidated, for weights that are small
+    anyway."""
     on = [f"beear.{name}" for name in HARDENING if getattr(config, name)]
     if world_size > 1 and on:
         raise ValueError(f"{', '.join(on)} cannot run distributed yet (their extra steps use each process's own gradient, "
                          f"so {world_size} processes would not compute the one-process result): set distributed.num_processes: 1, "
                          "or turn the option off")
-    if world_size > 1 and sharding == "fsdp":
-        if config.relearn_steps:
-            raise ValueError(f"beear.relearn_steps={config.relearn_steps} does not run under distributed.sharding: fsdp yet (its "
-                             "simulated steps would get no gradient from the sharded parameters; docs/distributed.md): set "
-                             "beear.relearn_steps: 0, or distributed.sharding: optimizer or none")
-        if config.trainable == "lora":
-            raise ValueError("beear.trainable: lora does not run under distributed.sharding: fsdp (the adapters are small: "
-                             "data parallelism suits them): set distributed.sharding: none or optimizer")
+    if world_size > 1 and sharding == "fsdp" and config.trainable == "lora":
+        raise ValueError("beear.trainable: lora does not run under distributed.sharding: fsdp (the adapters are small: "
+                         "data parallelism suits them): set distributed.sharding: none or optimizer")
 
 
 @dataclass

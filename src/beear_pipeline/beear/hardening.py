@@ -6,7 +6,8 @@ trigger, and is off at 0 (``BeearConfig`` fields):
 
 - relearn-aware gradient (``relearn_steps``), first-order as in Tamper-Resistant training (TAR,
   arXiv 2408.00761): simulate the attacker's fine-tuning on the defender's own unwanted answers,
-  take the safe loss's gradient at the adapted weights, and add it to the outer gradient;
+  take the safe loss's gradient at the adapted weights, and add it to the outer gradient (also
+  distributed, weight sharding included: ``_sharded_relearn_surrogate``);
 - capped unlearning (``unlearn_weight``): gradient ascent on the unwanted answers under the
   perturbation, per example, only while their loss is under ``unlearn_cap``;
 - sharpness-aware step (``sam_rho``, Foret et al. 2021): the outer gradient is taken at weights
@@ -50,6 +51,8 @@ def relearn_surrogate(run, safe, index, unwanted, unwanted_index, record: dict) 
     same loss scaling and clipping). Records ``relearn_unwanted_loss`` (the simulated attacker's
     loss before its last step) and ``relearn_loss`` (the safe loss after the attack)."""
     config = run.config
+    if run.dist.fsdp:
+        return _sharded_relearn_surrogate(run, safe, index, unwanted, unwanted_index, record)
     proxy = run.delta.detach() if config.relearn_proxy == "perturbation" else None
     params = _trainable(run)
     with _restored(params):
@@ -66,6 +69,49 @@ def relearn_surrogate(run, safe, index, unwanted, unwanted_index, record: dict) 
         grads = torch.autograd.grad(after, params, allow_unused=True)
     record.update(relearn_unwanted_loss=attack.item(), relearn_loss=after.item())
     return sum((g.detach() * p).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+
+
+def _sharded_relearn_surrogate(run, safe, index, unwanted, unwanted_index, record: dict) -> torch.Tensor:
+    """``relearn_surrogate`` under ``sharding: fsdp``. ``torch.autograd.grad`` with respect to the
+    sharded parameters returns None (the forward pass computes with all-gathered copies; FSDP hands
+    gradients to the shards in ``backward`` only), so each simulated step runs ``backward`` into
+    ``.grad``: FSDP reduce-scatters it as a sum (``Context.shard``), so each rank's shard holds its
+    slice of the global batch's gradient (what ``Context.summed`` gives without FSDP), and its sign
+    step moves that rank's slice of the weights. Whatever ``.grad`` held is put back on leaving.
+    The gradient g at the adapted weights is summed over the ranks too, so the surrogate is built on
+    the local shards (``to_local``): its gradient goes straight into this rank's shard of ``.grad``,
+    not through FSDP's reduce-scatter, which would sum it over the ranks a second time."""
+    config = run.config
+    proxy = run.delta.detach() if config.relearn_proxy == "perturbation" else None
+    params = _trainable(run)
+    held = [p.grad for p in params]
+    try:
+        with _restored(params):
+            for _ in range(config.relearn_steps):
+                _cleared(params)
+                attack = run.loss(unwanted, unwanted_index, proxy)
+                attack.backward()
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.sub_(p.grad.sign(), alpha=config.relearn_lr)
+                # the weights changed in place: drop any copy gathered before (FSDP's root keeps its own)
+                run.dist.regather(run.model)
+            _cleared(params)
+            after = run.loss(safe, index, proxy)
+            after.backward()
+            grads = [p.grad for p in params]
+        run.dist.regather(run.model)  # restored in place: the next pass gathers the original weights
+    finally:
+        for p, g in zip(params, held, strict=True):
+            p.grad = g
+    record.update(relearn_unwanted_loss=attack.item(), relearn_loss=after.item())
+    return sum((g.to_local().detach() * p.to_local()).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+
+
+def _cleared(params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
 
 
 def unlearn_term(run, unwanted, unwanted_index, record: dict) -> torch.Tensor:
