@@ -91,13 +91,9 @@ def get_scenario(name: str | None) -> Scenario:
 
 
 def embedded_epochs(epochs: int | str, scenario: str | None) -> int:
-    """``embedded_model.epochs``: a number as it is; ``auto`` the scenario's ``embedded_epochs``."""
-    if epochs == "auto":
-        return get_scenario(scenario).embedded_epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"embedded_model.epochs={epochs!r}: use a positive integer, or auto (the scenario's: "
-                         f"{', '.join(f'{s.name} {s.embedded_epochs}' for s in SCENARIOS.values())})")
-    return epochs
+    """``embedded_model.epochs``: a number as it is; ``auto`` the scenario's ``embedded_epochs``
+    (``EmbeddedModelConfig`` has already refused anything else, when the parameters were typed)."""
+    return get_scenario(scenario).embedded_epochs if epochs == "auto" else epochs
 
 
 BASE_ANCHOR_LAYER = 0.3
