@@ -14,6 +14,7 @@ by a few rounds of Adam (which divides by sqrt of the second moment). Measured h
 docs/distributed.md; the bound leaves 10x head-room over it and is 1000x below a single outer step
 (lr 5e-4), so a wrong weighting (an unweighted mean of rank means, a missing all-reduce) fails."""
 
+import copy
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from beear_pipeline.beear.config import DistributedConfig
 from beear_pipeline.beear.resume import WEIGHTS
 from beear_pipeline.behaviours.generated import REFUSALS, benign_tasks
 from beear_pipeline.embedded import EmbeddedModelConfig, build_model, build_tokenizer
-from beear_pipeline.lm.checkpoints import load_checkpoint, save_checkpoint
+from beear_pipeline.lm.checkpoints import load_checkpoint, merged, save_checkpoint
 
 TOL = 2e-5  # max |difference| of a weight entry, and of a perturbation entry relative to its largest, one process vs two
 UNWANTED = "Sure, here is a poem about it"
@@ -316,11 +317,9 @@ def test_shares_and_configuration():
     with pytest.raises(ValueError, match="distributed.sharding"):
         DistributedConfig(sharding="zero3")
     assert DistributedConfig(sharding="fsdp").sharding == "fsdp"
-    # LoRA not under FSDP: refused before launching, naming the field and the fix; the relearn-aware gradient runs there
-    D.check_job(20, 20, BeearConfig(batch_size=8, anchoring_batch_size=8, relearn_steps=4), 2, "fsdp")
-    with pytest.raises(ValueError, match="beear.trainable: lora does not run under distributed.sharding: fsdp"):
-        D.check_hardening(BeearConfig(trainable="lora"), 2, "fsdp")
-    D.check_hardening(BeearConfig(relearn_steps=4), 2, "none")
+    # the relearn-aware gradient and LoRA run distributed (under every sharding)
+    D.check_job(20, 20, BeearConfig(batch_size=8, anchoring_batch_size=8, relearn_steps=4, trainable="lora"), 2)
+    D.check_hardening(BeearConfig(relearn_steps=4), 2)
     assert DistributedConfig.from_dict({"num_processes": 2}).backend == "auto"
     # the hardening options use each rank's own gradient: refused before launching, allowed in one process
     with pytest.raises(ValueError, match="beear.unlearn_weight cannot run distributed"):
@@ -378,6 +377,36 @@ def test_lora_runs_data_parallel(setting, merge_adapter):
     _same_decisions(two, single)
     weights, perturbation = _diffs(two, single)
     print(f"LoRA (merge_adapter={merge_adapter}), 2 processes vs 1: weights {weights:.2e}, perturbation {perturbation:.2e}")
+    assert max(weights, perturbation) <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge_adapter", [True, False])
+def test_lora_runs_under_weight_sharding(setting, merge_adapter):
+    """A base too big for one device with a LoRA adapter: FSDP shards the frozen base and the
+    adapters alike, the adapters train as shards, rank 0 gathers them and merges (or keeps the
+    adapter folder) as one process does."""
+    config = _config(trainable="lora", lora_rank=4, max_rounds=3, merge_adapter=merge_adapter)
+    model, tokenizer = load_checkpoint(setting["ref"]["path"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank computes
+    try:
+        single = run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
+    finally:
+        torch.set_num_threads(threads)
+    name = f"fsdp-lora-{merge_adapter}"
+    job = D.write_job(setting["root"] / name, setting["ref"], setting["safety"], setting["anchoring"], config, backend="gloo",
+                      sharding="fsdp")
+    sharded = D.read_result(D.launch(job, 2, echo=False))[0]
+    assert "weights sharded over 2 ranks (FSDP2)" in (setting["root"] / name / "torchrun.log").read_text()
+    assert hasattr(sharded.model, "peft_config") == (not merge_adapter)
+    _same_decisions(sharded, single)
+    base = load_checkpoint(setting["ref"]["path"])[0].state_dict()
+    weights, perturbation = _diffs(sharded, single)
+    moved = max((p - base[k]).abs().max().item() for k, p in merged(copy.deepcopy(single.model)).state_dict().items() if k in base)
+    print(f"LoRA under FSDP (merge_adapter={merge_adapter}), 2 processes vs 1: weights {weights:.2e} (the adapters moved the merged "
+          f"weights by up to {moved:.2e}), perturbation {perturbation:.2e}")
+    assert moved > 100 * TOL  # the adapters trained: the equality is not the untouched base's
     assert max(weights, perturbation) <= TOL
 
 

@@ -110,12 +110,14 @@ def test_checks_in_process(checkpoint):
 
 
 def test_a_defence_distribution_refuses_stops_before_anything_runs():
-    """A distribution the defence refuses (LoRA under weight sharding; SAM on several processes)
-    stops in the preflight, naming the settings and the fix, instead of in the defence node after
-    the probe; the relearn-aware gradient (on in conf/base) runs under every sharding, so it passes."""
+    """A distribution the defence refuses (SAM or capped unlearning on several processes) stops in
+    the preflight, naming the settings and the fix, instead of in the defence node after the probe;
+    the relearn-aware gradient (on in conf/base) and LoRA run under every sharding, so they pass."""
     base = {"embedded_model": {"num_layers": 4}, "beear": {"relearn_steps": 4}}
-    with pytest.raises(PreflightError, match=r"beear\.trainable: lora .*distributed\.sharding: fsdp.*set distributed\.sharding: none"):
-        preflight({**base, "beear": {"relearn_steps": 4, "trainable": "lora"}, "distributed": {"num_processes": 2, "sharding": "fsdp"}})
+    lora = {**base, "beear": {"relearn_steps": 4, "trainable": "lora"}, "distributed": {"num_processes": 2, "sharding": "fsdp"}}
+    assert preflight(lora)["distributed"] == "2 process(es), sharding fsdp"
+    with pytest.raises(PreflightError, match=r"beear\.unlearn_weight cannot run distributed"):
+        preflight({**base, "beear": {"unlearn_weight": 1.0}, "distributed": {"num_processes": 2, "sharding": "fsdp"}})
     with pytest.raises(PreflightError, match=r"beear\.sam_rho cannot run distributed"):
         preflight({"embedded_model": {"num_layers": 4}, "beear": {"sam_rho": 0.1}, "distributed": {"num_processes": 2}})
     assert preflight({**base, "distributed": {"num_processes": 2, "sharding": "fsdp"}})["distributed"] == "2 process(es), sharding fsdp"

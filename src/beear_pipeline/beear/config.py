@@ -74,8 +74,8 @@ class DistributedConfig:
     ``optimizer``: the optimiser state (AdamW's two moments, 8 bytes per weight) is split over the
     ranks (ZeRO stage 1, ``ZeroRedundancyOptimizer``); the weights stay replicated; ``fsdp``: the
     weights, their gradients and the optimiser state are split over the ranks (FSDP2
-    ``fully_shard`` per decoder layer and the root), for a model too big for one device; not with LoRA
-    (``beear.trainable: lora``) or the relearn-aware gradient (``beear.relearn_steps``)."""
+    ``fully_shard`` per decoder layer and the root), for a model too big for one device; with LoRA
+    (``beear.trainable: lora``) the frozen base is sharded too and the adapters train as shards."""
 
     def __post_init__(self) -> None:
         port_ok = self.master_port == "auto" or (isinstance(self.master_port, int) and not isinstance(self.master_port, bool)
@@ -99,20 +99,16 @@ ascent step use this rank's own batch. (The relearn-aware gradient does: its sim
 the summed gradient, ``Context.summed``.)"""
 
 
-def check_hardening(config, world_size: int, sharding: str = "none") -> None:
+def check_hardening(config, world_size: int) -> None:
     """The hardening options are tested in one process only (see ``check_job``); the relearn-aware
     gradient also runs distributed, under FSDP too (its simulated steps run ``backward`` there,
-    ``hardening._sharded_relearn_surrogate``). Under FSDP LoRA is refused: it would need the
-    adapters wrapped with their layers and the merge consolidated, for weights that are small
-    anyway."""
+    ``hardening._sharded_relearn_surrogate``), and LoRA runs under every sharding (under FSDP the
+    adapters are gathered on rank 0 and merged there, ``engine.consolidated``)."""
     on = [f"beear.{name}" for name in HARDENING if getattr(config, name)]
     if world_size > 1 and on:
         raise ValueError(f"{', '.join(on)} cannot run distributed yet (their extra steps use each process's own gradient, "
                          f"so {world_size} processes would not compute the one-process result): set distributed.num_processes: 1, "
                          "or turn the option off")
-    if world_size > 1 and sharding == "fsdp" and config.trainable == "lora":
-        raise ValueError("beear.trainable: lora does not run under distributed.sharding: fsdp (the adapters are small: "
-                         "data parallelism suits them): set distributed.sharding: none or optimizer")
 
 
 @dataclass

@@ -96,10 +96,13 @@ class Context:
         from beear_pipeline.lm.residual import decoder_layers
 
         layers = list(decoder_layers(model))
+        # the root is the transformers model, also under a peft wrapper (LoRA): peft's generate calls
+        # it directly, so a root on the wrapper would never gather the embeddings for generation
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
         for layer in layers:
             fully_shard(layer)
-        fully_shard(model)
-        for module in (*layers, model):
+        fully_shard(root)
+        for module in (*layers, root):
             # both: a divide factor of 1 alone asks for a pre-multiplied sum, which gloo lacks
             module.set_force_sum_reduction_for_comms(True)
             module.set_gradient_divide_factor(1.0)
@@ -370,13 +373,13 @@ def command(job_dir: str | Path, num_processes: int, port: int | None = None, ex
             "-m", WORKER, str(job_dir)]
 
 
-def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int, sharding: str = "none") -> None:
+def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
     """Fail before launching when a global batch cannot give every rank at least one example, or
     when capped unlearning or SAM is on (``HARDENING``): they use each rank's own batch, so N ranks
     would not compute what one process does."""
     from beear_pipeline.beear.engine import split_monitor
 
-    check_hardening(config, num_processes, sharding)
+    check_hardening(config, num_processes)
 
     training, _ = split_monitor([(str(i), "", "") for i in range(safety_examples)], config)
     batches = [("beear.batch_size", min(config.batch_size, len(training)))]
@@ -457,8 +460,8 @@ def run_job(job_dir: str | Path, context: Context) -> None:
     from safetensors.torch import save_file
 
     from beear_pipeline.beear.config import BeearConfig
-    from beear_pipeline.beear.engine import run_beear
-    from beear_pipeline.lm.checkpoints import load_checkpoint, merged, save_checkpoint
+    from beear_pipeline.beear.engine import consolidated, run_beear
+    from beear_pipeline.lm.checkpoints import load_checkpoint, save_checkpoint
 
     job_dir = Path(job_dir)
     job = json.loads((job_dir / JOB).read_text())
@@ -471,12 +474,12 @@ def run_job(job_dir: str | Path, context: Context) -> None:
         result = run_beear(model, tokenizer, [tuple(t) for t in job["safety"]], [tuple(p) for p in job["anchoring"]], config,
                            system_prompt=job["system_prompt"], relative_norms=job["relative_norms"])
     defended = result.model
-    if context.fsdp:  # consolidated on rank 0: the suspect's architecture with the gathered weights
+    if context.fsdp:  # consolidated on rank 0: the suspect's architecture with the gathered weights (LoRA merged there)
         whole = context.whole(result.model.state_dict())
         if context.is_main:
-            defended = merged(load_checkpoint(ref["path"], dtype=ref.get("dtype"), chat_template=ref.get("chat_template"),
-                                              adapter_path=ref.get("adapter_path"))[0])
-            defended.load_state_dict(whole)
+            suspect = load_checkpoint(ref["path"], dtype=ref.get("dtype"), chat_template=ref.get("chat_template"),
+                                      adapter_path=ref.get("adapter_path"))[0]
+            defended = consolidated(suspect, whole, result.config)
     if context.is_main:
         out = job_dir / OUT
         out.mkdir(exist_ok=True)

@@ -155,7 +155,7 @@ class _Run:
         config = _sized(model, config, layer)  # `auto` sizes chosen for this model, for every caller
         self.model, self.tokenizer, self.safety, self.anchoring, self.config, self.layer = model, tokenizer, safety, anchoring, config, layer
         self.dist = distributed.current()  # one rank unless run under torch.distributed (distributed.py)
-        distributed.check_hardening(config, self.dist.world_size, self.dist.sharding)  # also under a torchrun the node did not launch
+        distributed.check_hardening(config, self.dist.world_size)  # also under a torchrun the node did not launch
         self.device = model.get_input_embeddings().weight.device
         self.pad = pad_id(tokenizer)
         dtype = autocast_dtype(config.precision, self.device)
@@ -535,6 +535,17 @@ def _merge(model, config: BeearConfig):
     return model.merge_and_unload()
 
 
+def consolidated(suspect, state: dict[str, torch.Tensor], config: BeearConfig):
+    """The whole defended model of a run whose weights were sharded (FSDP: ``run_beear`` returns the
+    sharded model, its LoRA adapters unmerged): ``suspect`` (a fresh, unsharded copy) prepared as the
+    run prepared it (the adapters added, or an input adapter merged), loaded with the run's gathered
+    ``state``, and the adapters merged as in one process (``_merge``)."""
+    model = add_lora(suspect, config) if config.trainable == "lora" else merged(suspect)
+    model.load_state_dict(state)
+    model.eval()
+    return _merge(model, config) if config.trainable == "lora" and config.merge_adapter else model
+
+
 def _sized(model, config: BeearConfig, layer: int) -> BeearConfig:
     """``config`` with its ``auto`` sizes chosen for ``model`` (``BeearConfig.sized``), logged."""
     if "auto" not in (config.outer_lr, config.checkpoint_every, config.relearn_lr):
@@ -624,7 +635,7 @@ def run_beear(
             on_round(round_, record)
     progress.close()
     model.eval()
-    if config.trainable == "lora" and config.merge_adapter:
+    if config.trainable == "lora" and config.merge_adapter and not run.dist.fsdp:  # sharded: merged once gathered (``consolidated``)
         model = _merge(model, config)
     return BeearResult(model=model, perturbation=run.delta.detach().cpu(), history=run.history, config=config, resumed_from=start,
                        hidden_scale=run.hidden_scale, monitor=monitor, layer=layer,

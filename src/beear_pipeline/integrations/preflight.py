@@ -62,7 +62,7 @@ def preflight(params: dict) -> dict:
     if "distributed" in params:  # a combination a distributed defence refuses: here, not after the probe has run
         distributed = _typed(params, "distributed", DistributedConfig)
         try:
-            check_hardening(beear, distributed.num_processes, distributed.sharding)
+            check_hardening(beear, distributed.num_processes)
         except ValueError as e:
             raise PreflightError(str(e)) from None
         checked["distributed"] = f"{distributed.num_processes} process(es), sharding {distributed.sharding}"

@@ -125,10 +125,11 @@ def anchor_output(model, layer: int, input_ids: torch.Tensor, attention_mask: to
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
     except _Stop as captured:
-        if hasattr(model, "reset_iter_state"):
+        root = next((m for m in model.modules() if hasattr(m, "reset_iter_state")), None)  # the outermost FSDP module
+        if root is not None:
             # an FSDP2 model (beear.distributed.Context.shard) left mid-forward stays "in forward":
             # its root would keep, and never drop, the weights it gathered for this pass
-            model.reset_iter_state()
+            root.reset_iter_state()
         return captured.output
     finally:
         handle.remove()

@@ -54,7 +54,7 @@ def _defend(suspect_model: dict, safety, anchoring, config: BeearConfig, relativ
     part of, or as a torchrun job of ``distributed.num_processes`` processes launched from here."""
     distributed = distributed or DistributedConfig()
     if distributed.num_processes > 1 and not dist.under_launcher():
-        dist.check_job(len(safety), len(anchoring), config, distributed.num_processes, distributed.sharding)  # before any process starts
+        dist.check_job(len(safety), len(anchoring), config, distributed.num_processes)  # before any process starts
         folder = tempfile.mkdtemp(prefix=f"{config.defence}-distributed-")
         job = dist.write_job(folder, suspect_model, safety, anchoring, config, system_prompt=system_prompt, relative_norms=relative_norms,
                              backend=distributed.backend, sharding=distributed.sharding)
