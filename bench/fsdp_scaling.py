@@ -193,6 +193,8 @@ def run_one(n: int, args, safety, anchoring, config: BeearConfig, sharding: str,
             D.launch(job_dir, n, echo=not args.quiet)
     except RuntimeError as e:
         ooms = [json.loads(p.read_text()) for p in sorted(job_dir.glob(OOM.format("*")))]
+        if not ooms and "out of memory" in str(e).lower():  # raised where the rank could not record it (NCCL, CUDA init)
+            ooms = [{"rank": "?", "error": str(e).splitlines()[0]}]
         if ooms:
             return {**row, "status": "does not fit", "error": f"rank {ooms[0]['rank']}: {ooms[0]['error']}",
                     "wall_s": time.perf_counter() - started}
