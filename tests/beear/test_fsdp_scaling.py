@@ -2,7 +2,7 @@
 processes through torchrun (``distributed.launch``), 2 rounds each, gives a row per N with seconds
 per round from the engine's ``on_round`` and a scaling efficiency; and an N that ran out of memory
 is recorded as not fitting, the efficiency taken from the smallest N that fit. The launches cost
-about 40 s on 2 busy cores: marked slow, like the other torchrun launches."""
+40-65 s on 2 busy cores: marked slow, like the other torchrun launches."""
 
 import json
 import sys
