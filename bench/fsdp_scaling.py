@@ -162,8 +162,6 @@ def run_rank(job: dict, bench: dict, context: D.Context, cuda: bool) -> dict:
             peaks["setup_and_warmup"] = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with D.using(context):
         run_beear(model, tokenizer, safety, anchoring, config, on_round=on_round)
@@ -297,9 +295,11 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(f"N = {n}: {e}")
     params = sum(p.numel() for p in llama(**SHAPES[args.shape], device="meta").parameters())
+    # the parent never touches a GPU (a CUDA context of its own would take memory from rank 0's GPU):
+    # the GPU's name comes from the ranks
     header = {"kind": "header", "shape": args.shape, "params": params, "trainable": args.trainable, "sharding": sharding,
               "rounds": args.rounds, "global_batch": f"{args.batch}+{args.batch}", "backend": backend, "processes": ns,
-              "device": torch.cuda.get_device_name() if backend == "nccl" else "CPU", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "device": "CUDA" if backend == "nccl" else "CPU", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"[bench] {json.dumps(header)}", flush=True)
     rows = []
     for n in ns:
@@ -310,6 +310,7 @@ def main(argv=None) -> int:
                 else f"{row['status']}: {row['error']}")
         print(f"[bench] N = {n}: {done} ({row['wall_s']:.0f} s with start-up)", flush=True)
     rows = with_efficiency(rows)
+    header["device"] = next((r["device"] for r in rows if r["status"] == "ok"), header["device"])  # the ranks' GPU name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "fsdp_scaling.jsonl", "a") as f:
