@@ -3,7 +3,7 @@ scaling efficiency from 1 to N GPUs, for a random-initialised Llama under ``dist
 fsdp`` (FSDP2 ``fully_shard`` per decoder layer and the root, ``Context.shard``).
 
     .venv/bin/python bench/fsdp_scaling.py --gpus 1,2,4,8                     # 13B shape, all weights trained
-    .venv/bin/python bench/fsdp_scaling.py --gpus 1,2 --trainable lora       # LoRA (data parallel: FSDP refuses LoRA)
+    .venv/bin/python bench/fsdp_scaling.py --gpus 1,2 --trainable lora       # LoRA: the frozen base sharded too
     .venv/bin/python bench/fsdp_scaling.py --shape tiny --processes 1,2      # CPU, gloo: checks the script end to end
 
 ``--shape 13b`` is Llama-2-13B's shape (hidden 5120, 40 layers, 40 heads, MLP 13824, vocabulary
@@ -37,7 +37,6 @@ the smallest N that fit, and the table says which.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -46,7 +45,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -79,27 +77,7 @@ def beear_config(args) -> BeearConfig:
 def sharding_for(args) -> str:
     if args.sharding != "auto":
         return args.sharding
-    return "none" if args.trainable == "lora" else "fsdp"  # FSDP refuses LoRA (config.check_hardening): data parallel
-
-
-@contextlib.contextmanager
-def ranks_run_this_script():
-    """``distributed.launch`` (torchrun, its log, the failing rank's root cause) with each rank
-    running this script's ``--rank-of JOB_DIR`` instead of ``-m beear_pipeline.beear.worker JOB_DIR``.
-    The worker (``run_job``) loads a saved checkpoint and passes no ``on_round`` to ``run_beear``;
-    here every rank builds the model from its config and stamps each round. Only the tail of the
-    command line changes: rendezvous and launcher stay the project's own (no change to
-    distributed.py, which a ``module`` argument of ``command``/``launch`` would make cleaner)."""
-    real = D.command
-
-    def command(job_dir, num_processes, port=None, extra=()):
-        cmd = real(job_dir, num_processes, port, extra)
-        if cmd[-3:-1] != ["-m", D.WORKER]:
-            raise RuntimeError(f"distributed.command no longer ends in `-m {D.WORKER} JOB_DIR`: {cmd}")
-        return [*cmd[:-3], str(Path(__file__).resolve()), "--rank-of", str(job_dir)]
-
-    with mock.patch.object(D, "command", command):
-        yield
+    return "fsdp"
 
 
 # ---- one rank (under torchrun) ----
@@ -187,8 +165,8 @@ def run_one(n: int, args, safety, anchoring, config: BeearConfig, sharding: str,
     D.write_job(job_dir, bench, safety, anchoring, config, backend=backend, sharding=sharding)
     started = time.perf_counter()
     try:
-        with ranks_run_this_script():
-            D.launch(job_dir, n, echo=not args.quiet)
+        # each rank runs this script (it builds the model from its config and stamps each round), not the worker
+        D.launch(job_dir, n, echo=not args.quiet, program=(str(Path(__file__).resolve()), "--rank-of"))
     except RuntimeError as e:
         ooms = [json.loads(p.read_text()) for p in sorted(job_dir.glob(OOM.format("*")))]
         if not ooms and "out of memory" in str(e).lower():  # raised where the rank could not record it (NCCL, CUDA init)
@@ -265,7 +243,7 @@ def main(argv=None) -> int:
     group.add_argument("--processes", help="comma-separated numbers of CPU processes (gloo), e.g. 1,2")
     parser.add_argument("--trainable", choices=["all", "lora", "up_to_anchor"], default="all")
     parser.add_argument("--sharding", choices=["auto", "fsdp", "optimizer", "none"], default="auto",
-                        help="for N > 1; auto: fsdp, except none for lora (FSDP refuses LoRA)")
+                        help="for N > 1; auto: fsdp")
     parser.add_argument("--rounds", type=int, default=3, help="BEEAR rounds per N, the first one a warm-up (at least 2)")
     parser.add_argument("--batch", type=int, default=8, help="global safety and anchoring batch (the same for every N)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -289,9 +267,9 @@ def main(argv=None) -> int:
     config = beear_config(args)
     sharding = sharding_for(args)
     _, safety, anchoring = data(N_SAFETY, N_ANCHORING)
-    for n in ns:  # the defence node's own check before launching (batch shares, LoRA under FSDP)
+    for n in ns:  # the defence node's own check before launching (batch shares, the distribution refusals)
         try:
-            D.check_job(len(safety), len(anchoring), config, n, sharding if n > 1 else "none")
+            D.check_job(len(safety), len(anchoring), config, n)
         except ValueError as e:
             parser.error(f"N = {n}: {e}")
     params = sum(p.numel() for p in llama(**SHAPES[args.shape], device="meta").parameters())
@@ -324,7 +302,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--rank-of":  # one rank, started by torchrun (ranks_run_this_script)
+    if len(sys.argv) == 3 and sys.argv[1] == "--rank-of":  # one rank, started by torchrun (run_one's launch)
         rank_main(Path(sys.argv[2]))
     else:
         sys.exit(main())

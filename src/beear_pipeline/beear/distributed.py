@@ -366,11 +366,13 @@ def write_job(job_dir: str | Path, model_ref: dict, safety, anchoring, config, *
     return job_dir
 
 
-def command(job_dir: str | Path, num_processes: int, port: int | None = None, extra: Sequence[str] = ()) -> list[str]:
-    """The torchrun command line for ``job_dir`` on this machine (a static rendezvous on 127.0.0.1)."""
+def command(job_dir: str | Path, num_processes: int, port: int | None = None, extra: Sequence[str] = (),
+            program: Sequence[str] = ("-m", WORKER)) -> list[str]:
+    """The torchrun command line for ``job_dir`` on this machine (a static rendezvous on 127.0.0.1);
+    each rank runs ``program JOB_DIR`` (the worker; a benchmark passes its own script)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
             "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *extra,
-            "-m", WORKER, str(job_dir)]
+            *program, str(job_dir)]
 
 
 def check_job(safety_examples: int, anchoring_examples: int, config, num_processes: int) -> None:
@@ -392,13 +394,14 @@ def check_job(safety_examples: int, anchoring_examples: int, config, num_process
                              f"raise {field}")
 
 
-def launch(job_dir: str | Path, num_processes: int, master_port: int | str = "auto", echo: bool = True) -> Path:
+def launch(job_dir: str | Path, num_processes: int, master_port: int | str = "auto", echo: bool = True,
+           program: Sequence[str] = ("-m", WORKER)) -> Path:
     """Run the job in ``job_dir`` with torchrun on ``num_processes`` local ranks; return the output
     folder. A rank that fails (an exception, a kill) stops the job and raises here with the
     failing rank's error and the end of the log (``job_dir/torchrun.log`` holds all of it)."""
     job_dir = Path(job_dir)
     port = free_port() if master_port == "auto" else int(master_port)
-    cmd = command(job_dir, num_processes, port)
+    cmd = command(job_dir, num_processes, port, program=program)
     env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(job_dir / "error.json")}
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine: torchrun's own default, without its warning
     logger.info("distributed BEEAR: %d processes on 127.0.0.1:%d (%s)", num_processes, port, " ".join(cmd[1:]))
