@@ -97,6 +97,24 @@ def test_the_embedded_model_is_planned_from_its_recipe(params, advbench, tmp_pat
     assert report["peak_device_bytes"] < 3 * 2**30 and "| **disk needed** |" in table
 
 
+def test_the_plan_is_made_at_the_scenarios_layer_when_the_anchor_layer_is_null(params, advbench, tmp_path):
+    """conf/base's ``beear.anchor_layer: null``: the plan node resolves it through the scenario
+    (code 0.6 = layer 2 of the embedded model's 4, jailbreak 0.3 = layer 1); a value given wins."""
+    import dataclasses
+
+    assert params["beear"].anchor_layer is None
+    assert "params:scenario" in register_pipelines()["plan"].nodes[0].inputs
+    model = params["model"].__class__(embedded_directory=str(tmp_path / "not-built"))
+
+    def layer(beear, scenario):
+        report, table = plan_removal_run(model, params["embedded_model"], beear, params["plan"], advbench, scenario)
+        assert report["beear"]["anchor_layer"] is not None and f"anchor layer {report['anchor_layer']}" in table
+        return report["anchor_layer"]
+
+    assert layer(params["beear"], "jailbreak") == 1 and layer(params["beear"], "code") == 2
+    assert layer(dataclasses.replace(params["beear"], anchor_layer=0.3), "code") == 1
+
+
 def test_check_raises_with_the_fix(params, advbench, config_only):
     model = params["model"].__class__(path=str(config_only))
     plan = params["plan"].__class__(device="cuda", device_memory_gib=24, check=True)
