@@ -191,6 +191,20 @@ def test_an_explicit_0_3_in_the_code_scenario_stays_0_3():
     assert _config(BeearConfig(checkpoint_dir=None, anchor_layer=0.3), "beear", None, None, "code").anchor_layer == 0.3
 
 
+def test_the_logged_anchor_layer_is_the_one_used_and_says_where_it_came_from():
+    import dataclasses
+
+    from beear_pipeline.beear import BeearConfig
+    from beear_pipeline.integrations.kedro_hooks import logged_fields
+
+    for scenario, layer in SCENARIO_LAYERS.items():
+        fields = logged_fields("beear", BeearConfig(anchor_layer=None), scenario)
+        assert (fields["anchor_layer"], fields["anchor_layer_source"]) == (layer, f"scenario {scenario}")
+    given = logged_fields("beear", BeearConfig(anchor_layer=0.3), "code")
+    assert (given["anchor_layer"], given["anchor_layer_source"]) == (0.3, "beear.anchor_layer")
+    assert logged_fields("embedded_model", EmbeddedModelConfig(), "code") == dataclasses.asdict(EmbeddedModelConfig())
+
+
 def _metrics(protocol: dict, extra: dict | None = None) -> dict:
     from beear_pipeline.evaluation.rates import rate
     from beear_pipeline.evaluation.report import MODELS
