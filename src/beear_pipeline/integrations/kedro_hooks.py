@@ -83,7 +83,7 @@ def logged_fields(block: str, config, scenario: str | None) -> dict:
     run uses (``null`` resolved to the scenario's, ``scenarios.scenario_anchor_layer``) and
     ``beear.anchor_layer_source`` says where it came from (``scenario code``, or
     ``beear.anchor_layer`` for a value given; ``auto`` is logged as it is, the layer the probe
-    chose being the metrics' ``probe.anchor_layer_used``)."""
+    chose being reports/metrics.json's ``probe.anchor_layer_used``)."""
     fields = dataclasses.asdict(config)
     if block == "beear":
         from beear_pipeline.scenarios import scenario_anchor_layer
