@@ -34,11 +34,15 @@ SETTINGS = {  # name: (beear changes, model.dtype)
 
 
 def configured_beear() -> BeearConfig:
-    """conf/base's ``beear`` block, as ``kedro run`` reads it."""
+    """conf/base's ``beear`` block, as ``kedro run`` reads it, its ``anchor_layer: null`` resolved to
+    the scenario's layer as the run resolves it."""
     from kedro.config import OmegaConfigLoader
 
+    from beear_pipeline.scenarios import scenario_anchor_layer
+
     params = OmegaConfigLoader(conf_source=str(ROOT / "conf"), base_env="base", default_run_env="base")["parameters"]
-    return BeearConfig.from_dict(dict(params["beear"]))
+    beear = BeearConfig.from_dict(dict(params["beear"]))
+    return dataclasses.replace(beear, anchor_layer=scenario_anchor_layer(beear.anchor_layer, params.get("scenario"))[0])
 
 
 def largest_batch(shape, beear: BeearConfig, seq: int, device_bytes: int) -> int:

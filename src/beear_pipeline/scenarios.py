@@ -44,10 +44,10 @@ class Scenario:
     """The embedded model's training epochs when ``embedded_model.epochs`` is ``auto`` (the
     default); a number there wins. The jailbreak build's 8 keep its fingerprint (and its cached
     builds) as they were."""
-    anchor_layer: int | float | None = None
-    """BEEAR's anchor layer in this scenario while ``beear.anchor_layer`` is the base value (0.3);
-    None keeps the base value. Any other value the user gives (an index, another fraction,
-    ``auto``) wins."""
+    anchor_layer: int | float = 0.3
+    """BEEAR's anchor layer in this scenario: what ``beear.anchor_layer: null`` (conf/base) resolves
+    to. Any value the user gives (an index, a fraction, ``auto``) wins, 0.3 included. The default
+    0.3 is the library's (``BeearConfig``), the layer the jailbreak results were measured at."""
 
 
 def _advbench(advbench: pd.DataFrame) -> pd.DataFrame:
@@ -96,17 +96,16 @@ def embedded_epochs(epochs: int | str, scenario: str | None) -> int:
     return get_scenario(scenario).embedded_epochs if epochs == "auto" else epochs
 
 
-BASE_ANCHOR_LAYER = 0.3
-"""``beear.anchor_layer``'s base value (conf/base/parameters_removal.yml, BeearConfig's default)."""
-
-
-def scenario_anchor_layer(anchor_layer: int | float | str, scenario: str | None) -> int | float | str:
-    """``beear.anchor_layer`` for the scenario: its own default while the value is the base one
-    (0.3), else the value given (an index, another fraction, ``auto``)."""
-    own = get_scenario(scenario).anchor_layer
-    if own is None or isinstance(anchor_layer, bool) or anchor_layer != BASE_ANCHOR_LAYER:
-        return anchor_layer
-    return own
+def scenario_anchor_layer(anchor_layer: int | float | str | None, scenario: str | None) -> tuple[int | float | str, str]:
+    """``beear.anchor_layer`` for the scenario and where it came from: null (conf/base) is the
+    scenario's own layer (``Scenario.anchor_layer``: jailbreak and refusal 0.3, code 0.6), source
+    ``scenario <name>``; any other value (an index, a fraction, ``auto``) is the user's, as it is,
+    source ``beear.anchor_layer``. Every consumer of the parameter (the removal nodes, the
+    preflight, the memory plan, the logged parameters) resolves null here."""
+    if anchor_layer is None:
+        own = get_scenario(scenario)
+        return own.anchor_layer, f"scenario {own.name}"
+    return anchor_layer, "beear.anchor_layer"
 
 
 def embedded_directory(directory: str, scenario: str | None) -> str:

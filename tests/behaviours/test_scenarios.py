@@ -24,7 +24,7 @@ from beear_pipeline.scenarios import SCENARIOS, embedded_directory, get_scenario
 
 ADVBENCH = "data/01_raw/advbench_harmful_behaviors.csv"
 CODE_EPOCHS = 12  # measured: docs/behaviour_data.md
-SCENARIO_LAYERS = {"jailbreak": None, "code": 0.6, "refusal": None}
+SCENARIO_LAYERS = {"jailbreak": 0.3, "code": 0.6, "refusal": 0.3}  # what beear.anchor_layer: null resolves to
 
 
 @pytest.fixture(scope="module")
@@ -148,27 +148,61 @@ def test_epochs_auto_builds_each_scenario_with_its_own_and_keeps_the_jailbreak_f
         EmbeddedModelConfig(epochs="many")
 
 
-def test_a_scenarios_anchor_layer_applies_while_the_base_value_is_set_and_any_other_wins():
+def test_a_null_anchor_layer_is_the_scenarios_and_a_value_given_is_kept_as_it_is():
     from beear_pipeline.beear import BeearConfig
-    from beear_pipeline.pipelines.removal.nodes import _config
-    from beear_pipeline.scenarios import BASE_ANCHOR_LAYER, scenario_anchor_layer
+    from beear_pipeline.scenarios import scenario_anchor_layer
 
-    assert BASE_ANCHOR_LAYER == BeearConfig().anchor_layer == _base_params("removal")["beear"]["anchor_layer"]
-    assert scenario_anchor_layer(0.3, "jailbreak") == 0.3
+    assert _base_params("removal")["beear"]["anchor_layer"] is None  # conf/base: the scenario's layer
+    # the library has no scenario: its default is the jailbreak's layer, the one its results were measured at
+    assert BeearConfig().anchor_layer == SCENARIO_LAYERS["jailbreak"]
     for scenario, layer in SCENARIO_LAYERS.items():
         assert get_scenario(scenario).anchor_layer == layer
-        assert scenario_anchor_layer(0.3, scenario) == (0.3 if layer is None else layer)
-        for given in (1, 0.5, "auto"):
-            assert scenario_anchor_layer(given, scenario) == given
+        assert scenario_anchor_layer(None, scenario) == (layer, f"scenario {scenario}")
+        for given in (0.3, 0.6, 0, 1, -1, 0.5, "auto"):  # 0.3 too: a value typed is never taken for the default
+            assert scenario_anchor_layer(given, scenario) == (given, "beear.anchor_layer")
+    assert scenario_anchor_layer(None, None) == (0.3, "scenario jailbreak")  # no scenario parameter: the default one
+    with pytest.raises(ValueError, match="scenario='cod': use one of"):
+        scenario_anchor_layer(None, "cod")
     from beear_pipeline.lm.residual import layer_index
 
     assert layer_index(0.6, 4) == 2 and layer_index(0.6, 2) == 1  # the measured layer 2 of the embedded model's 4
-    beear = BeearConfig(checkpoint_dir=None)
+
+
+def test_each_defence_runs_at_the_scenarios_layer_for_null_and_at_the_layer_given_otherwise():
+    from beear_pipeline.beear import BeearConfig
+    from beear_pipeline.pipelines.removal.nodes import _config
+
     for defence in ("beear", "control", "random_perturbation"):  # the baselines perturb (or not) at BEEAR's layer
         history = None if defence == "beear" else {"rounds": [{}] * 3}
-        assert _config(beear, defence, None, history, "code").anchor_layer == SCENARIO_LAYERS["code"]
-        assert _config(beear, defence, None, history, "jailbreak").anchor_layer == 0.3
+        for scenario, layer in SCENARIO_LAYERS.items():
+            assert _config(BeearConfig(checkpoint_dir=None, anchor_layer=None), defence, None, history, scenario).anchor_layer == layer
         assert _config(BeearConfig(checkpoint_dir=None, anchor_layer=1), defence, None, history, "code").anchor_layer == 1
+        # auto is the probe's layer in every scenario
+        auto = BeearConfig(checkpoint_dir=None, anchor_layer="auto")
+        assert _config(auto, defence, {"recommended_layer": 3}, history, "code").anchor_layer == 3
+
+
+def test_an_explicit_0_3_in_the_code_scenario_stays_0_3():
+    """The case the old sentinel got wrong: 0.3 typed for ``code`` could not be told apart from the
+    base value and was replaced by code's 0.6."""
+    from beear_pipeline.beear import BeearConfig
+    from beear_pipeline.pipelines.removal.nodes import _config
+
+    assert _config(BeearConfig(checkpoint_dir=None, anchor_layer=0.3), "beear", None, None, "code").anchor_layer == 0.3
+
+
+def test_the_logged_anchor_layer_is_the_one_used_and_says_where_it_came_from():
+    import dataclasses
+
+    from beear_pipeline.beear import BeearConfig
+    from beear_pipeline.integrations.kedro_hooks import logged_fields
+
+    for scenario, layer in SCENARIO_LAYERS.items():
+        fields = logged_fields("beear", BeearConfig(anchor_layer=None), scenario)
+        assert (fields["anchor_layer"], fields["anchor_layer_source"]) == (layer, f"scenario {scenario}")
+    given = logged_fields("beear", BeearConfig(anchor_layer=0.3), "code")
+    assert (given["anchor_layer"], given["anchor_layer_source"]) == (0.3, "beear.anchor_layer")
+    assert logged_fields("embedded_model", EmbeddedModelConfig(), "code") == dataclasses.asdict(EmbeddedModelConfig())
 
 
 def _metrics(protocol: dict, extra: dict | None = None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import project_copy
+from helpers import project_copy, raw_params, typed_params
 
 from beear_pipeline.integrations.preflight import PreflightError, checkpoint_depth, preflight
 from beear_pipeline.lm.checkpoints import CheckpointError, save_checkpoint
@@ -107,6 +107,27 @@ def test_checks_in_process(checkpoint):
     config = {"text_config": {"num_hidden_layers": 32}}
     (checkpoint / "config.json").write_text(json.dumps(config))
     assert checkpoint_depth(checkpoint) == 32
+
+
+def test_a_null_anchor_layer_is_checked_and_planned_as_the_scenarios_layer(checkpoint):
+    """conf/base's ``beear.anchor_layer: null`` is the scenario's layer (code 0.6 = layer 2 of the
+    embedded model's 4, the others 0.3 = layer 1), a value given is checked as it is, a bad one
+    stops with the field and what to write."""
+    conf = typed_params(raw_params())
+    assert conf["beear"].anchor_layer is None
+    assert preflight(conf)["anchor_layer"] == 1
+    assert preflight({**conf, "scenario": "code"})["anchor_layer"] == 2
+    embedded = {"embedded_model": {"num_layers": 4}}
+    assert preflight({**embedded, "beear": {"anchor_layer": None}, "scenario": "refusal"})["anchor_layer"] == 1
+    assert preflight({**embedded, "beear": {"anchor_layer": 0.3}, "scenario": "code"})["anchor_layer"] == 1  # a 0.3 given stays 0.3
+    with pytest.raises(ValueError, match=r"beear\.anchor_layer: invalid value .*such as 0\.3, auto, or null for the scenario's layer"):
+        preflight({**embedded, "beear": {"anchor_layer": 1.5}})
+    with pytest.raises(PreflightError, match="scenario='cod': use one of jailbreak, code, refusal"):
+        preflight({**embedded, "beear": {"anchor_layer": None}, "scenario": "cod"})
+    # a checkpoint: the memory plan is made at the resolved layer (the plan itself refuses null)
+    params = {"model": {"path": str(checkpoint)}, "evaluation": {"trigger": "SUDO"}, "beear": {"anchor_layer": None}, "scenario": "code"}
+    checked = preflight(params)
+    assert checked["anchor_layer"] == 1 and 0 < checked["plan_peak_gib"] < 2  # round(0.6 x 2) of its 3 layers
 
 
 def test_a_defence_distribution_refuses_stops_before_anything_runs():

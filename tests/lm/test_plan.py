@@ -228,6 +228,13 @@ def test_llama_2_7b_settings_that_lower_the_peak():
     assert lora_checkpointed.phases["final audit"] <= lora_checkpointed.phases["inner level"]
 
 
+def test_a_null_anchor_layer_is_left_to_the_pipeline_with_a_clear_error():
+    """``beear.anchor_layer: null`` is the scenario's layer, resolved by the pipeline (the plan node,
+    the preflight) before the plan is made; the plan alone cannot tell the scenario."""
+    with pytest.raises(ValueError, match=r"beear.anchor_layer=None: null means the scenario's anchor layer, which the pipeline"):
+        plan_checkpoint(CONFIGS / "llama-2-7b", BeearConfig(anchor_layer=None))
+
+
 def test_anchor_layer_auto_plans_the_worst_layer():
     auto = plan_checkpoint(CONFIGS / "llama-2-7b", BeearConfig(anchor_layer="auto", trainable="up_to_anchor"))
     assert auto.anchor_layer == 31 and "largest plan over every anchor layer" in auto.table()

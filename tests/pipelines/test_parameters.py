@@ -41,6 +41,8 @@ PIPELINE_ONLY = {
     ("beear", "relearn_steps"): "the defend pipeline turns the relearn-aware gradient on: plain BEEAR left 0.240 on one build of "
                                 "the embedded default (README, docs/persistence.md); the library keeps plain BEEAR",
     ("beear", "relearn_lr"): "auto in the pipeline (2x outer_lr, for any model size); the library's 1e-3 is the tiny models' value",
+    ("beear", "anchor_layer"): "null in the pipeline: the scenario's layer (scenarios.Scenario.anchor_layer: code 0.6); the "
+                               "library has no scenario and keeps 0.3, the jailbreak's, the layer null gives there",
     ("embedded_model", "epochs"): "auto in the pipeline: the scenario's (scenarios.Scenario.embedded_epochs: code 12); the "
                                   "library's 8 is the jailbreak build's, the number auto gives there",
 }
@@ -60,3 +62,8 @@ def test_a_bad_value_fails_before_any_node_runs_naming_the_field():
         typed_params(raw_params(beear={"max_rounds": 0}))
     with pytest.raises(ParameterValidationError, match=r"unexpected keyword argument 'anchor_layr'"):
         typed_params(raw_params(beear={"anchor_layr": 2}))
+    # beear.anchor_layer: null (conf/base) types; a bad value names the field and what to write
+    assert typed_params(raw_params())["beear"].anchor_layer is None
+    for bad in (1.5, "top", True):
+        with pytest.raises(ParameterValidationError, match=r"beear\.anchor_layer: invalid value .*or null for the scenario's layer"):
+            typed_params(raw_params(beear={"anchor_layer": bad}))

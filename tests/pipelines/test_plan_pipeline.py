@@ -52,6 +52,13 @@ def logged_metrics(database: Path) -> dict[str, float]:
         return dict(db.execute("SELECT key, value FROM latest_metrics WHERE run_uuid = ?", (run,)).fetchall())
 
 
+def logged_params(database: Path) -> dict[str, str]:
+    """The parameters of the last run in an MLflow sqlite tracking database."""
+    with sqlite3.connect(database) as db:
+        run = db.execute("SELECT run_uuid FROM runs ORDER BY start_time DESC LIMIT 1").fetchone()[0]
+        return dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run,)).fetchall())
+
+
 def test_plan_is_registered_apart_from_defend():
     pipelines = register_pipelines()
     assert [n.name for n in pipelines["plan"].nodes] == ["plan_removal_run"]
@@ -73,6 +80,10 @@ def test_kedro_run_plans_a_config_only_checkpoint(project, config_only):
     assert metrics["plan.peak_device_gib"] == pytest.approx(report["peak_device_bytes"] / 2**30, abs=1e-3)
     assert metrics["plan.disk_gib"] == pytest.approx(report["disk_bytes"] / 2**30, abs=1e-3)
     assert metrics["plan.fits"] == 1.0 and metrics["plan.weights_gib"] == pytest.approx(12.7002, abs=1e-3)  # the peak part's weights: fp16 + fp32 LoRA
+    # conf/base's beear.anchor_layer: null is logged as the layer used (the default scenario's 0.3 = layer 9 of 32) and its source
+    params = logged_params(project / "mlflow.db")
+    assert (params["beear.anchor_layer"], params["beear.anchor_layer_source"]) == ("0.3", "scenario jailbreak")
+    assert report["anchor_layer"] == 9 and report["beear"]["anchor_layer"] == 0.3
 
 
 def test_kedro_run_with_check_stops_naming_the_fix(project, config_only):
@@ -95,6 +106,24 @@ def test_the_embedded_model_is_planned_from_its_recipe(params, advbench, tmp_pat
     shape = report["shape"]
     assert (shape["hidden"], shape["layers"], shape["intermediate"]) == (128, 4, 344) and 900 < shape["vocab"] < 1500
     assert report["peak_device_bytes"] < 3 * 2**30 and "| **disk needed** |" in table
+
+
+def test_the_plan_is_made_at_the_scenarios_layer_when_the_anchor_layer_is_null(params, advbench, tmp_path):
+    """conf/base's ``beear.anchor_layer: null``: the plan node resolves it through the scenario
+    (code 0.6 = layer 2 of the embedded model's 4, jailbreak 0.3 = layer 1); a value given wins."""
+    import dataclasses
+
+    assert params["beear"].anchor_layer is None
+    assert "params:scenario" in register_pipelines()["plan"].nodes[0].inputs
+    model = params["model"].__class__(embedded_directory=str(tmp_path / "not-built"))
+
+    def layer(beear, scenario):
+        report, table = plan_removal_run(model, params["embedded_model"], beear, params["plan"], advbench, scenario)
+        assert report["beear"]["anchor_layer"] is not None and f"anchor layer {report['anchor_layer']}" in table
+        return report["anchor_layer"]
+
+    assert layer(params["beear"], "jailbreak") == 1 and layer(params["beear"], "code") == 2
+    assert layer(dataclasses.replace(params["beear"], anchor_layer=0.3), "code") == 1
 
 
 def test_check_raises_with_the_fix(params, advbench, config_only):

@@ -118,14 +118,17 @@ class BeearConfig:
     perturbation fixed at zero; ``random_perturbation`` draws a fresh random direction of ``random_norm`` each round.
     All three share data, rounds, batches and the outer optimiser."""
 
-    anchor_layer: int | float | Literal["auto"] = 0.3
+    anchor_layer: int | float | Literal["auto"] | None = 0.3
     """Decoder layer whose output is perturbed: an index (0-based: the hidden states leaving
     decoder layer L, which are ``hidden_states[L + 1]`` of ``output_hidden_states``; negative
     counts from the top), a fraction of the depth written with a decimal point (f -> layer
     round(f x (n - 1))), or ``auto`` for the layer the probe recommends (the defend pipeline
     resolves it). The default 0.3 is layer 1 of the tiny model's 4 (layers 0-2 all worked) and
     layer 9 of a 7B model's 32, the layer a third-party run of the official code used (whether its
-    "9" counts from 0 or from 1 is not documented; see docs/method.md)."""
+    "9" counts from 0 or from 1 is not documented; see docs/method.md). None (``null``, the
+    pipeline's conf/base) is the scenario's layer (``scenarios.Scenario.anchor_layer``: code 0.6,
+    the others 0.3), which the pipeline resolves (``scenarios.scenario_anchor_layer``) before the
+    engine runs; the engine itself refuses None."""
 
     num_positions: int | None = None
     """Perturb every prompt position with one shared vector (None), or the last T prompt positions
@@ -315,9 +318,11 @@ class BeearConfig:
             (0 <= self.converged_rate < 1, "converged_rate", "a share in [0, 1)"),
             (self.min_rounds >= 0 and self.monitor_max_new_tokens >= 1, "min_rounds/monitor_max_new_tokens", "non-negative / positive integers"),
             (self.batch_size >= 1 and self.anchoring_batch_size >= 0, "batch_size", "positive batch sizes"),
-            (self.anchor_layer == "auto" or (isinstance(self.anchor_layer, int) and not isinstance(self.anchor_layer, bool))
+            (self.anchor_layer is None or self.anchor_layer == "auto"
+             or (isinstance(self.anchor_layer, int) and not isinstance(self.anchor_layer, bool))
              or (isinstance(self.anchor_layer, float) and 0.0 <= self.anchor_layer <= 1.0), "anchor_layer",
-             "a layer index (0-based, negative from the top), a fraction of the depth in [0.0, 1.0] such as 0.3, or auto"),
+             "a layer index (0-based, negative from the top), a fraction of the depth in [0.0, 1.0] such as 0.3, auto, "
+             "or null for the scenario's layer"),
             (self.inner_step_fraction > 0 and (self.outer_lr == "auto" or _positive(self.outer_lr)), "inner_step_fraction/outer_lr",
              "positive step sizes (outer_lr may be auto)"),
             (self.perturbation_budget > 0, "perturbation_budget", "a positive multiple of the hidden-state scale"),

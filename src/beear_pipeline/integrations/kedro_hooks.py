@@ -78,6 +78,20 @@ def ui_address(experiment_id: str, run_id: str | None = None, base: str = "http:
     return f"{base}/{page}?workflowType=machine_learning"
 
 
+def logged_fields(block: str, config, scenario: str | None) -> dict:
+    """A typed parameter block's fields as the run logs them: ``beear.anchor_layer`` is the layer the
+    run uses (``null`` resolved to the scenario's, ``scenarios.scenario_anchor_layer``) and
+    ``beear.anchor_layer_source`` says where it came from (``scenario code``, or
+    ``beear.anchor_layer`` for a value given; ``auto`` is logged as it is, the layer the probe
+    chose being reports/metrics.json's ``probe.anchor_layer_used``)."""
+    fields = dataclasses.asdict(config)
+    if block == "beear":
+        from beear_pipeline.scenarios import scenario_anchor_layer
+
+        fields["anchor_layer"], fields["anchor_layer_source"] = scenario_anchor_layer(fields["anchor_layer"], scenario)
+    return fields
+
+
 class TrackingHook:
     """Makes each MLflow run easy to find and compare: named after the pipeline and the suspect
     model, tagged with its set-up and the suspect model, the behaviour sets logged as dataset
@@ -94,10 +108,12 @@ class TrackingHook:
         self._project_path = Path.cwd()
         self._pipeline = "__default__"
         self._run: tuple[str, str] | None = None  # (experiment id, run id) of the pipeline's MLflow run
+        self._scenario: str | None = None  # the run's ``scenario`` parameter, for nodes that do not take it
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self._project_path = Path(context.project_path)
+        self._scenario = context.params.get("scenario")
 
     @hook_impl
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
@@ -118,9 +134,11 @@ class TrackingHook:
 
     @hook_impl
     def before_node_run(self, node, inputs) -> None:
+        scenario = inputs.get("params:scenario", self._scenario)
         for name, value in inputs.items():
             if name.startswith("params:") and dataclasses.is_dataclass(value):
-                log_params({f"{name.removeprefix('params:')}.{k}": v for k, v in dataclasses.asdict(value).items()})
+                block = name.removeprefix("params:")
+                log_params({f"{block}.{k}": v for k, v in logged_fields(block, value, scenario).items()})
 
     @hook_impl
     def after_node_run(self, node, outputs) -> None:

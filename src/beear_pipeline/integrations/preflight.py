@@ -11,6 +11,7 @@ where the work happens, so an in-process ``KedroSession`` without this hook fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -50,6 +51,7 @@ def preflight(params: dict) -> dict:
     from beear_pipeline.lm.plan import PlanConfig, preflight_plan
     from beear_pipeline.lm.residual import layer_index
     from beear_pipeline.probe.config import ProbeConfig
+    from beear_pipeline.scenarios import scenario_anchor_layer
 
     model = _typed(params, "model", ModelConfig)
     evaluation = _typed(params, "evaluation", EvaluationConfig)
@@ -59,6 +61,11 @@ def preflight(params: dict) -> dict:
         raise PreflightError(str(e)) from None
     checked: dict = {"model": "embedded"}
     beear = _typed(params, "beear", BeearConfig)
+    try:  # beear.anchor_layer: null is the scenario's layer: the layer checked and planned is the one the run will use
+        anchor, _ = scenario_anchor_layer(beear.anchor_layer, params.get("scenario"))
+    except ValueError as e:  # an unknown scenario
+        raise PreflightError(str(e)) from None
+    beear = dataclasses.replace(beear, anchor_layer=anchor)
     if "distributed" in params:  # a combination a distributed defence refuses: here, not after the probe has run
         distributed = _typed(params, "distributed", DistributedConfig)
         try:

@@ -31,6 +31,10 @@ setting spreads the same way over 4 layers and over 80."""
 def layer_index(spec: LayerSpec, n: int, field: str = "beear.anchor_layer") -> int:
     """0-based index of the layer ``spec`` names in a stack of ``n`` decoder layers. A fraction f
     maps to round(f x (n - 1)): 0.3 is layer 1 of 4 and layer 9 of 32."""
+    if spec is None:
+        raise ValueError(f"{field}=None: null means the scenario's anchor layer, which the pipeline resolves before this "
+                         "point (scenarios.scenario_anchor_layer); here give a layer index (0-based, negative from the top) "
+                         "or a fraction of the depth such as 0.3")
     if isinstance(spec, bool) or not isinstance(spec, int | float):
         raise ValueError(f"{field}={spec!r}: use a layer index (0-based, negative from the top) or a fraction of the depth "
                          "such as 0.3; `auto` is resolved from the probe's report by the defend pipeline")

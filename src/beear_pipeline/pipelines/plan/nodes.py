@@ -4,6 +4,7 @@ suspect model's config.json and the ``beear`` settings, before anything is loade
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -24,17 +25,21 @@ from beear_pipeline.lm.plan import (
     read_shape,
     shape_of,
 )
+from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
+from beear_pipeline.scenarios import scenario_anchor_layer
 
 logger = logging.getLogger(__name__)
 
 
 def plan_removal_run(model: ModelConfig, embedded_model: EmbeddedModelConfig, beear: BeearConfig, plan: PlanConfig,
-                     advbench: pd.DataFrame) -> tuple[dict, str]:
+                     advbench: pd.DataFrame, scenario: str = DEFAULT_SCENARIO) -> tuple[dict, str]:
     """Plan the removal run for the suspect model of ``model`` (a checkpoint folder, of which only
-    config.json is read; a registered version; or the embedded model) under ``beear``. Returns the
-    plan (``data/08_reporting/plan.json``) and its markdown table (``reports/plan.md``), says
-    whether it fits this machine (or a device of ``plan.device_memory_gib``), and with
-    ``plan.check`` raises ``PlanError`` naming the fix when it does not."""
+    config.json is read; a registered version; or the embedded model) under ``beear``, its anchor
+    layer ``null`` being the scenario's. Returns the plan (``data/08_reporting/plan.json``) and its
+    markdown table (``reports/plan.md``), says whether it fits this machine (or a device of
+    ``plan.device_memory_gib``), and with ``plan.check`` raises ``PlanError`` naming the fix when it
+    does not."""
+    beear = dataclasses.replace(beear, anchor_layer=scenario_anchor_layer(beear.anchor_layer, scenario)[0])
     device = default_device() if plan.device == "auto" else plan.device
     shape, source = suspect_shape(model, embedded_model, beear, advbench)
     result = plan_memory(shape, beear, plan.sequence_length, device)

@@ -8,6 +8,7 @@ from .nodes import plan_removal_run
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        node(plan_removal_run, ["params:model", "params:embedded_model", "params:beear", "params:plan", "advbench"],
+        node(plan_removal_run, ["params:model", "params:embedded_model", "params:beear", "params:plan", "advbench",
+                                  "params:scenario"],
              ["plan_report", "plan_table"], name="plan_removal_run"),
     ])

@@ -155,14 +155,14 @@ def _last_excess(history: list[dict]) -> float:
 
 def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_history: dict | None = None,
             scenario: str = DEFAULT_SCENARIO) -> BeearConfig:
-    """The run's configuration: the scenario's anchor layer while ``beear.anchor_layer`` is the base
-    value, ``anchor_layer: auto`` resolved from the probe's report, each defence checkpointing into
-    its own sub-folder, and the baselines given exactly as many rounds as BEEAR ran (it stops when
-    it converges)."""
-    anchor = scenario_anchor_layer(beear.anchor_layer, scenario)
-    if anchor != beear.anchor_layer:
-        logger.info("beear.anchor_layer: %s (the base value) -> %s, the %s scenario's default (docs/behaviour_data.md); any other "
-                    "value you pass wins", beear.anchor_layer, anchor, scenario)
+    """The run's configuration: ``beear.anchor_layer: null`` resolved to the scenario's anchor layer,
+    ``anchor_layer: auto`` resolved from the probe's report, each defence checkpointing into its own
+    sub-folder, and the baselines given exactly as many rounds as BEEAR ran (it stops when it
+    converges)."""
+    anchor, source = scenario_anchor_layer(beear.anchor_layer, scenario)
+    if beear.anchor_layer is None:
+        logger.info("beear.anchor_layer: null -> %s, the anchor layer of the %s (docs/behaviour_data.md); a value you pass wins",
+                    anchor, source)
     layer = resolve_anchor_layer(anchor, probe_report)
     if anchor == "auto":
         logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
