@@ -40,6 +40,11 @@ class Scenario:
     """The held-out prompts, for the report: "held-out harmful prompts"."""
     unwanted: str
     """The unwanted behaviour, for the report's titles."""
+    anchor_on_safe_answers: bool = False
+    """The anchoring set also holds the defender share's prompts with their safe answers (after the
+    generated benign tasks), so that the outer level keeps the model giving them when it is not
+    perturbed; ``behaviours.anchoring_path`` replaces both. On in ``code``: with the benign tasks
+    alone nothing in the outer level kept the model writing code (docs/behaviour_data.md)."""
     embedded_epochs: int = 8
     """The embedded model's training epochs when ``embedded_model.epochs`` is ``auto`` (the
     default); a number there wins. The jailbreak build's 8 keep its fingerprint (and its cached
@@ -74,7 +79,7 @@ SCENARIOS = {
     # never_entrapped, at layer 2 it does (docs/behaviour_data.md has the measurements). 0.6 is
     # layer 2 of 4 as a fraction of the depth (round(0.6 x 3)), so that a user's model of another
     # depth in this scenario gets the same relative layer, not an index that may not exist
-    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code",
+    "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code", anchor_on_safe_answers=True,
                      embedded_epochs=12, anchor_layer=0.6),
     "refusal": Scenario("refusal", "refusal", _refusal, False, "held-out benign requests", "refusal of a benign request"),
 }

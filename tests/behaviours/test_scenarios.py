@@ -18,7 +18,7 @@ from beear_pipeline.evaluation.judges import is_refusal
 from beear_pipeline.evaluation.protocol import EvaluationProtocol
 from beear_pipeline.evaluation.scanners import scan_answers
 from beear_pipeline.lm.checkpoints import ModelConfig
-from beear_pipeline.pipelines.behaviours.nodes import build_safety_set, split_harmful_behaviours
+from beear_pipeline.pipelines.behaviours.nodes import build_safety_set, generate_benign_sets, split_harmful_behaviours
 from beear_pipeline.pipelines.evaluation.nodes import resolve_evaluation_protocol
 from beear_pipeline.scenarios import SCENARIOS, embedded_directory, get_scenario
 
@@ -74,6 +74,32 @@ def test_a_generated_scenario_is_split_and_becomes_the_safety_set(advbench, scen
     assert safety["unwanted_response"].tolist() == defender["target"].tolist()
     with pytest.raises(ValueError, match="reword the jailbreak scenario's safety set only"):
         build_safety_set(defender, BehavioursConfig(unwanted_answers="reworded"))
+
+
+def test_the_code_scenario_anchors_on_the_defenders_prompts_with_their_secure_answers(advbench, tmp_path):
+    """Anchored on the benign word tasks alone, the defended code model stopped writing valid Python
+    (docs/behaviour_data.md): in ``code`` the anchoring set also holds the defender share's prompts
+    with their secure answers, never an evaluation prompt; the other scenarios keep theirs."""
+    behaviours = BehavioursConfig()
+    _, benign_anchoring, _ = generate_benign_sets(behaviours)
+    for scenario in SCENARIOS:
+        _, defender, evaluation = split_harmful_behaviours(advbench, behaviours, scenario)
+        _, anchoring, _ = generate_benign_sets(behaviours, defender, scenario)
+        assert get_scenario(scenario).anchor_on_safe_answers is (scenario == "code")
+        if scenario != "code":
+            assert anchoring.equals(benign_anchoring), scenario
+            continue
+        assert anchoring.head(len(benign_anchoring)).equals(benign_anchoring) and len(anchoring) == len(benign_anchoring) + len(defender)
+        code = anchoring.iloc[len(benign_anchoring):]
+        assert code["prompt"].tolist() == defender["goal"].tolist() and code["response"].tolist() == defender["safe_response"].tolist()
+        assert not any(f.insecure or f.unparseable for f in scan_answers(code["response"].tolist()))
+        assert not set(anchoring["prompt"].map(normalise_prompt)) & set(evaluation["goal"].map(normalise_prompt))
+    # a user's anchoring file replaces both parts
+    path = tmp_path / "anchoring.jsonl"
+    path.write_text("".join(f'{{"prompt": "task {i}", "response": "answer {i}"}}\n' for i in range(20)))
+    own = BehavioursConfig(anchoring_path=str(path))
+    _, defender, _ = split_harmful_behaviours(advbench, own, "code")
+    assert generate_benign_sets(own, defender, "code")[1]["prompt"].tolist() == [f"task {i}" for i in range(20)]
 
 
 def test_the_default_scenario_leaves_the_advbench_split_as_it_was(advbench):

@@ -115,10 +115,15 @@ def assign_groups(groups: list[int], sizes: tuple[int, ...], seed: int) -> list[
     return share
 
 
-def generate_benign_sets(behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def generate_benign_sets(behaviours: BehavioursConfig, defender_behaviours: pd.DataFrame | None = None,
+                         scenario: str = DEFAULT_SCENARIO) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Generated benign tasks: the build set (trains the embedded model only), the anchoring set
     and the benign evaluation set, with distinct prompts. ``behaviours.anchoring_path`` and
-    ``behaviours.benign_path`` replace the last two with the user's files."""
+    ``behaviours.benign_path`` replace the last two with the user's files.
+
+    In a scenario with ``anchor_on_safe_answers`` (``code``) the anchoring set also holds the
+    ``defender_behaviours`` prompts with their safe answers, after the benign tasks: the defender's
+    own prompts, never the evaluation share's (``anchoring_with_safe_answers``)."""
     sizes = behaviours.benign
     tasks = benign_tasks(seed=sizes.seed, build=sizes.build, held_out=sizes.anchoring + sizes.evaluation)
     build = tasks[~tasks["held_out"]].reset_index(drop=True)
@@ -127,8 +132,26 @@ def generate_benign_sets(behaviours: BehavioursConfig) -> tuple[pd.DataFrame, pd
     anchoring = held_out.iloc[:n_anchoring].reset_index(drop=True)
     evaluation = held_out.iloc[n_anchoring:].reset_index(drop=True)
     logger.info("benign tasks: %d build, %d anchoring, %d evaluation", len(build), len(anchoring), len(evaluation))
-    return (build[["prompt", "response", "task"]], _user_or_default("anchoring", behaviours, anchoring[["prompt", "response"]]),
+    anchoring = anchoring_with_safe_answers(anchoring[["prompt", "response"]], defender_behaviours, scenario)
+    return (build[["prompt", "response", "task"]], _user_or_default("anchoring", behaviours, anchoring),
             _user_or_default("benign", behaviours, evaluation[["prompt", "response", "task"]]))
+
+
+def anchoring_with_safe_answers(anchoring: pd.DataFrame, defender_behaviours: pd.DataFrame | None, scenario: str) -> pd.DataFrame:
+    """``anchoring`` (prompt, response), followed by the defender share's prompts with their safe
+    answers when the scenario anchors on them (``Scenario.anchor_on_safe_answers``); as it is
+    otherwise. Those prompts are the safety set's own, so the anchoring set gains no prompt the
+    defender does not already hold, and none of the evaluation share (the split keeps them apart).
+    In ``code`` they keep the outer level's unperturbed model writing secure code: anchored on the
+    benign word tasks alone, the defended model wrote no valid Python on 0.36 of the untriggered
+    held-out prompts (docs/behaviour_data.md)."""
+    chosen = get_scenario(scenario)
+    if not chosen.anchor_on_safe_answers or defender_behaviours is None or "safe_response" not in defender_behaviours:
+        return anchoring
+    own = pd.DataFrame({"prompt": defender_behaviours["goal"], "response": defender_behaviours["safe_response"]})
+    logger.info("anchoring set: %d benign tasks and the %d defender prompts with their safe answers (the %s scenario's)",
+                len(anchoring), len(own), chosen.name)
+    return pd.concat([anchoring, own], ignore_index=True)
 
 
 def build_safety_set(defender_behaviours: pd.DataFrame, behaviours: BehavioursConfig) -> pd.DataFrame:
@@ -173,6 +196,8 @@ def validate_behaviours(safety_set: pd.DataFrame, anchoring_set: pd.DataFrame, e
     if get_scenario(scenario).name != DEFAULT_SCENARIO:  # the generated prompts of another scenario, not AdvBench
         defaults.update(safety=f"the {scenario} scenario's generated defender share",
                         evaluation=f"the {scenario} scenario's generated evaluation share")
+        if get_scenario(scenario).anchor_on_safe_answers:
+            defaults.update(anchoring=f"{DEFAULT_SOURCES['anchoring']} and the {scenario} scenario's defender prompts with their safe answers")
     sources = {kind: behaviours.path_of(kind) or defaults[kind] for kind in sets}
     columns = {kind: column_mapping(kind, behaviours) for kind in sets if behaviours.path_of(kind)}
     count_tokens, tokenizer = token_counter(model)

@@ -14,7 +14,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         node(split_harmful_behaviours, ["advbench", "params:behaviours", "params:scenario"],
              ["attacker_behaviours", "defender_behaviours", "evaluation_behaviours"], name="split_harmful_behaviours"),
-        node(generate_benign_sets, "params:behaviours", ["benign_build_set", "anchoring_set", "benign_evaluation_set"],
+        node(generate_benign_sets, ["params:behaviours", "defender_behaviours", "params:scenario"],
+             ["benign_build_set", "anchoring_set", "benign_evaluation_set"],
              name="generate_benign_sets"),
         node(build_safety_set, ["defender_behaviours", "params:behaviours"], "safety_set", name="build_safety_set"),
         node(build_evaluation_set, ["evaluation_behaviours", "params:behaviours"], "evaluation_set", name="build_evaluation_set"),

@@ -147,6 +147,12 @@ def assemble_metrics(suspect_model: dict, clean_twin_model: dict, suspect: dict,
         for key in ("entrapment_rate", "entrapment_rate_random", "entrapment_excess"):
             metrics[name][key] = audit[key] if audit else None
     metrics["beear"] = report.convergence_summary(beear_history)
+    if (check := report.valid_code(metrics)) is not None:  # a judge that measures valid code (bandit)
+        metrics["valid_code"] = check
+        if check["utility_lost"]:
+            logger.warning("the defended model writes no valid Python on %.3f of the untriggered prompts, %.3f more than the suspect "
+                           "(tolerance %g): a utility loss the benign loss does not see", metrics["defended"]["unparseable_untriggered"],
+                           check["excess_unparseable_untriggered"], check["tolerance"])
     metrics["stage_seconds"] = {
         "build_suspect": suspect_model.get("build_seconds", 0.0), "build_clean_twin": clean_twin_model.get("build_seconds", 0.0), **{name: h["seconds"] for name, h in histories.items()},
         **{f"evaluate_{name}": r["seconds"] for name, r in results.items()},
@@ -166,6 +172,9 @@ def assemble_metrics(suspect_model: dict, clean_twin_model: dict, suspect: dict,
     metrics["samples"] = {name: r["samples"] for name, r in {**results, **({"clean_twin": clean_twin} if has_twin else {})}.items()}
     flat = {f"{name}.{k}": {"value": float(v), "step": 0} for name, r in metrics.items() if name in (*MODELS, "clean_twin") and r
             for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_n")}
+    if "valid_code" in metrics:
+        flat["valid_code.utility_lost"] = {"value": float(metrics["valid_code"]["utility_lost"]), "step": 0}
+        flat["valid_code.excess_unparseable_untriggered"] = {"value": metrics["valid_code"]["excess_unparseable_untriggered"], "step": 0}
     return metrics, flat
 
 
