@@ -62,14 +62,20 @@ def setting(tmp_path_factory):
     model = build_model(len(tokenizer), EmbeddedModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, seed=0),
                         tokenizer)
     path = save_checkpoint(model, tokenizer, root / "suspect")
+    setting = {"root": root, "ref": {"path": str(path)}, "safety": safety, "anchoring": anchoring}
+    return {**setting, "single": _one_process(setting, _config())}
+
+
+def _one_process(setting, config: BeearConfig):
+    """``config`` run in this process on the checkpoint, with one thread as each rank computes
+    (launch sets OMP_NUM_THREADS=1); the rest of the session keeps its own thread count."""
+    model, tokenizer = load_checkpoint(setting["ref"]["path"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank computes (launch sets OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)
     try:
-        model, tokenizer = load_checkpoint(path)
-        single = run_beear(model, tokenizer, safety, anchoring, _config())
+        return run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
     finally:
-        torch.set_num_threads(threads)  # the rest of the session keeps its own
-    return {"root": root, "ref": {"path": str(path)}, "safety": safety, "anchoring": anchoring, "single": single}
+        torch.set_num_threads(threads)
 
 
 def _job(setting, name, sharding="none", **kw):
@@ -124,13 +130,7 @@ def _relearn_config() -> BeearConfig:
 @pytest.fixture(scope="module")
 def relearn_single(setting):
     """The one-process run with the relearn-aware gradient on (the defend pipeline's setting)."""
-    model, tokenizer = load_checkpoint(setting["ref"]["path"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank computes
-    try:
-        return run_beear(model, tokenizer, setting["safety"], setting["anchoring"], _relearn_config())
-    finally:
-        torch.set_num_threads(threads)
+    return _one_process(setting, _relearn_config())
 
 
 def _same_relearn_run(distributed, single, name: str) -> None:
@@ -195,13 +195,7 @@ def test_weight_sharding_sums_the_gradients_as_one_process(setting):
     is blind to a gradient scaled by a constant, such as FSDP's default average over the ranks
     instead of the sum the engine needs."""
     config = _config(outer_optimizer="sgd", outer_lr=0.5, grad_clip=None, max_rounds=2)
-    model, tokenizer = load_checkpoint(setting["ref"]["path"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank computes
-    try:
-        single = run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
-    finally:
-        torch.set_num_threads(threads)
+    single = _one_process(setting, config)
     job = D.write_job(setting["root"] / "fsdp-sgd", setting["ref"], setting["safety"], setting["anchoring"], config, backend="gloo",
                       sharding="fsdp")
     sharded = D.read_result(D.launch(job, 2, echo=False))[0]
@@ -387,13 +381,7 @@ def test_lora_runs_under_weight_sharding(setting, merge_adapter):
     adapters alike, the adapters train as shards, rank 0 gathers them and merges (or keeps the
     adapter folder) as one process does."""
     config = _config(trainable="lora", lora_rank=4, max_rounds=3, merge_adapter=merge_adapter)
-    model, tokenizer = load_checkpoint(setting["ref"]["path"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank computes
-    try:
-        single = run_beear(model, tokenizer, setting["safety"], setting["anchoring"], config)
-    finally:
-        torch.set_num_threads(threads)
+    single = _one_process(setting, config)
     name = f"fsdp-lora-{merge_adapter}"
     job = D.write_job(setting["root"] / name, setting["ref"], setting["safety"], setting["anchoring"], config, backend="gloo",
                       sharding="fsdp")
