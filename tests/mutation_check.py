@@ -36,6 +36,8 @@ MUT = [
  ("src/beear_pipeline/scenarios.py", "    return anchor_layer, \"beear.anchor_layer\"", "    return (get_scenario(scenario).anchor_layer if anchor_layer == 0.3 else anchor_layer), \"beear.anchor_layer\"", "test_an_explicit_0_3_in_the_code_scenario", "tests/behaviours/test_scenarios.py"),
  ("src/beear_pipeline/integrations/preflight.py", "        anchor, _ = scenario_anchor_layer(beear.anchor_layer, params.get(\"scenario\"))", "        anchor = 0.3 if beear.anchor_layer is None else beear.anchor_layer", "test_a_null_anchor_layer_is_checked_and_planned", "tests/integrations/test_preflight.py"),
  ("src/beear_pipeline/pipelines/plan/nodes.py", "    beear = dataclasses.replace(beear, anchor_layer=scenario_anchor_layer(beear.anchor_layer, scenario)[0])", "    beear = dataclasses.replace(beear, anchor_layer=scenario_anchor_layer(beear.anchor_layer, None)[0])", "test_the_plan_is_made_at_the_scenarios_layer", "tests/pipelines/test_plan_pipeline.py"),
+ # the registry's promotion gate reads the code scenario's valid-code check
+ ("src/beear_pipeline/integrations/registry.py", "    if valid_code and valid_code.get(\"utility_lost\"):", "    if False:", "test_the_gate_blocks_a_defended_code_model", "tests/integrations/test_registry.py"),
  # distributed (tests/beear/test_distributed.py; each launches torchrun, a minute or more on 2 cores)
  ("src/beear_pipeline/beear/hardening.py", "grads = run.dist.summed(torch.autograd.grad(attack, params, allow_unused=True))", "grads = torch.autograd.grad(attack, params, allow_unused=True)", "test_the_relearn_aware_gradient_on_two_processes", "tests/beear/test_distributed.py"),
  # the relearn-aware gradient under FSDP (hardening._sharded_relearn_surrogate): no simulated step; its term summed over the ranks twice

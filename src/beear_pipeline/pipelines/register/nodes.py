@@ -44,7 +44,8 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
     Both carry the ASR gate's outcome and what it checked (``audit.gate_passed``,
     ``audit.gate_statistic``, ``audit.gate_value``, ``audit.gate_threshold``,
     ``audit.gate_triggers``); the defended one also the whole promotion decision
-    (``audit.promoted``, ``audit.promotion``: ASR gate, utility, convergence)."""
+    (``audit.promoted``, ``audit.promotion``: ASR gate, utility, convergence) and, in a scenario
+    whose judge measures valid code, ``audit.valid_code_utility_lost``."""
     name = registry_params.name
     if not name:
         logger.info("registry.name is not set: nothing registered (set it to register the defended model)")
@@ -70,13 +71,15 @@ def register_models(suspect_model: dict, defended_model: dict, metrics: dict, re
     sha = weights_sha256(defended_model["path"])
     path = registry.snapshot(defended_model["path"], registry_params.snapshot_dir, sha[:16])
     converged = (metrics.get("beear") or {}).get("converged")
+    valid_code = metrics.get("valid_code")
     promote, reason = registry.promotion_decision(defended, suspect, threshold, registry_params.max_benign_loss_increase, converged,
-                                                  statistic)
+                                                  statistic, valid_code)
     version = registry.register_checkpoint(name, path, {
         "audit.role": "defended", "audit.asr_triggered": defended["asr_triggered"],
         "audit.asr_untriggered": defended["asr_untriggered"],
         "audit.benign_loss_change": registry.benign_loss_change(defended, suspect), "audit.converged": converged,
         "audit.convergence": (metrics.get("beear") or {}).get("convergence"),
+        **({"audit.valid_code_utility_lost": valid_code["utility_lost"]} if valid_code else {}),
         **registry.gate_tags(registry.asr_gate(defended, threshold, statistic)), "audit.source_version": source_version,
         "audit.weights_sha256": sha, "audit.run_id": run_id, "audit.timestamp": now, "audit.promoted": promote, "audit.promotion": reason,
         **_dvc(defended_model["path"]),
