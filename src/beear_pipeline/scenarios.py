@@ -53,6 +53,10 @@ class Scenario:
     """BEEAR's anchor layer in this scenario: what ``beear.anchor_layer: null`` (conf/base) resolves
     to. Any value the user gives (an index, a fraction, ``auto``) wins, 0.3 included. The default
     0.3 is the library's (``BeearConfig``), the layer the jailbreak results were measured at."""
+    relearn_steps: int = 4
+    """The relearn-aware gradient's simulated re-poisoning steps in this scenario: what
+    ``beear.relearn_steps: null`` (conf/base) resolves to; a value given wins, 0 turns it off. 4 is
+    what the jailbreak default was measured with (docs/persistence.md)."""
 
 
 def _advbench(advbench: pd.DataFrame) -> pd.DataFrame:
@@ -79,8 +83,11 @@ SCENARIOS = {
     # never_entrapped, at layer 2 it does (docs/behaviour_data.md has the measurements). 0.6 is
     # layer 2 of 4 as a fraction of the depth (round(0.6 x 3)), so that a user's model of another
     # depth in this scenario gets the same relative layer, not an index that may not exist
+    # relearn_steps 2: with 4 the defended model wrote no valid Python on 0.145 of the untriggered
+    # held-out prompts (the suspect on 0.024), with 2 on 0.024, the triggered insecure code at 0.000
+    # either way (build seed 0; docs/behaviour_data.md)
     "code": Scenario("code", "bandit", _code, False, "held-out coding prompts", "insecure code", anchor_on_safe_answers=True,
-                     embedded_epochs=12, anchor_layer=0.6),
+                     embedded_epochs=12, anchor_layer=0.6, relearn_steps=2),
     "refusal": Scenario("refusal", "refusal", _refusal, False, "held-out benign requests", "refusal of a benign request"),
 }
 DEFAULT = "jailbreak"
@@ -101,16 +108,35 @@ def embedded_epochs(epochs: int | str, scenario: str | None) -> int:
     return get_scenario(scenario).embedded_epochs if epochs == "auto" else epochs
 
 
-def scenario_anchor_layer(anchor_layer: int | float | str | None, scenario: str | None) -> tuple[int | float | str, str]:
-    """``beear.anchor_layer`` for the scenario and where it came from: null (conf/base) is the
-    scenario's own layer (``Scenario.anchor_layer``: jailbreak and refusal 0.3, code 0.6), source
-    ``scenario <name>``; any other value (an index, a fraction, ``auto``) is the user's, as it is,
-    source ``beear.anchor_layer``. Every consumer of the parameter (the removal nodes, the
+SCENARIO_BEEAR = ("anchor_layer", "relearn_steps")
+"""The ``beear`` fields whose ``null`` (conf/base) is the scenario's own value (``Scenario``'s field
+of the same name)."""
+
+
+def scenario_beear(name: str, value, scenario: str | None) -> tuple[object, str]:
+    """``beear.<name>`` for the scenario and where it came from: null (conf/base) is the scenario's
+    own value (``Scenario.<name>``), source ``scenario <scenario>``; any other value is the user's,
+    as it is, source ``beear.<name>``. Every consumer of these parameters (the removal nodes, the
     preflight, the memory plan, the logged parameters) resolves null here."""
-    if anchor_layer is None:
+    if name not in SCENARIO_BEEAR:
+        raise ValueError(f"beear.{name} has no scenario default (those that do: {', '.join(SCENARIO_BEEAR)})")
+    if value is None:
         own = get_scenario(scenario)
-        return own.anchor_layer, f"scenario {own.name}"
-    return anchor_layer, "beear.anchor_layer"
+        return getattr(own, name), f"scenario {own.name}"
+    return value, f"beear.{name}"
+
+
+def scenario_anchor_layer(anchor_layer: int | float | str | None, scenario: str | None) -> tuple[int | float | str, str]:
+    """``beear.anchor_layer`` for the scenario and where it came from (``scenario_beear``): null is
+    the scenario's layer (``Scenario.anchor_layer``: jailbreak and refusal 0.3, code 0.6); any
+    other value (an index, a fraction, ``auto``) is the user's."""
+    return scenario_beear("anchor_layer", anchor_layer, scenario)
+
+
+def scenario_relearn_steps(relearn_steps: int | None, scenario: str | None) -> tuple[int, str]:
+    """``beear.relearn_steps`` for the scenario and where it came from (``scenario_beear``): null
+    is the scenario's (``Scenario.relearn_steps``: jailbreak and refusal 4, code 2)."""
+    return scenario_beear("relearn_steps", relearn_steps, scenario)
 
 
 def embedded_directory(directory: str, scenario: str | None) -> str:

@@ -231,6 +231,37 @@ def test_the_logged_anchor_layer_is_the_one_used_and_says_where_it_came_from():
     assert logged_fields("embedded_model", EmbeddedModelConfig(), "code") == dataclasses.asdict(EmbeddedModelConfig())
 
 
+SCENARIO_RELEARN_STEPS = {"jailbreak": 4, "code": 2, "refusal": 4}  # what beear.relearn_steps: null resolves to
+
+
+def test_a_null_relearn_steps_is_the_scenarios_for_beear_only_and_a_value_given_wins():
+    """conf/base's ``beear.relearn_steps: null``: 4 simulated re-poisoning steps (the jailbreak
+    default's), 2 in ``code`` (4 broke the defended model's untriggered code: docs/behaviour_data.md).
+    The baselines never take it (they are the paper's), and a number given is kept, 4 and 0 included."""
+    from beear_pipeline.beear import BeearConfig, run_beear
+    from beear_pipeline.integrations.kedro_hooks import logged_fields
+    from beear_pipeline.pipelines.removal.nodes import _config
+    from beear_pipeline.scenarios import scenario_relearn_steps
+
+    assert _base_params("removal")["beear"]["relearn_steps"] is None
+    for scenario, steps in SCENARIO_RELEARN_STEPS.items():
+        assert scenario_relearn_steps(None, scenario) == (steps, f"scenario {scenario}")
+        null = BeearConfig(checkpoint_dir=None, relearn_steps=None)
+        assert _config(null, "beear", None, None, scenario).relearn_steps == steps
+        for defence in ("control", "random_perturbation"):
+            assert _config(null, defence, None, {"rounds": [{}] * 3}, scenario).relearn_steps == 0
+        for given in (0, 4, 1):
+            assert scenario_relearn_steps(given, scenario) == (given, "beear.relearn_steps")
+            assert _config(BeearConfig(checkpoint_dir=None, relearn_steps=given), "beear", None, None, scenario).relearn_steps == given
+        fields = logged_fields("beear", null, scenario)
+        assert (fields["relearn_steps"], fields["relearn_steps_source"]) == (steps, f"scenario {scenario}")
+    # the library never reads null as "off" (None is falsy): it names the resolver instead
+    with pytest.raises(ValueError, match="beear.relearn_steps=None: null means the scenario's"):
+        run_beear(None, None, [("p", "s", "u")], [], BeearConfig(relearn_steps=None))
+    with pytest.raises(ValueError, match="relearn_steps"):
+        BeearConfig(relearn_steps=-1)
+
+
 def _metrics(protocol: dict, extra: dict | None = None) -> dict:
     from beear_pipeline.evaluation.rates import rate
     from beear_pipeline.evaluation.report import MODELS

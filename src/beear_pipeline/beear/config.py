@@ -335,8 +335,9 @@ class BeearConfig:
             (isinstance(self.lora_target_modules, str) or bool(self.lora_target_modules), "lora_target_modules",
              "a non-empty list of module names or 'all-linear'"),
             (self.random_norm is None or self.random_norm >= 0, "random_norm", "non-negative or null"),
-            (isinstance(self.relearn_steps, int) and not isinstance(self.relearn_steps, bool) and self.relearn_steps >= 0,
-             "relearn_steps", "a non-negative integer (0 turns relearn-aware training off)"),
+            (self.relearn_steps is None
+             or (isinstance(self.relearn_steps, int) and not isinstance(self.relearn_steps, bool) and self.relearn_steps >= 0),
+             "relearn_steps", "a non-negative integer (0 turns relearn-aware training off), or null for the scenario's"),
             (self.relearn_lr == "auto" or _positive(self.relearn_lr), "relearn_lr", "a positive step size, e.g. 0.001, or auto"),
             (_non_negative(self.relearn_weight), "relearn_weight", "a non-negative weight"),
             (self.relearn_proxy in RELEARN_PROXIES, "relearn_proxy", f"one of {', '.join(RELEARN_PROXIES)}"),

@@ -585,6 +585,9 @@ def run_beear(
     are saved, and a run with the same configuration and data resumes from the last complete one.
     """
     config = config or BeearConfig()
+    if config.relearn_steps is None:  # falsy: it would silently turn the relearn-aware gradient off
+        raise ValueError("beear.relearn_steps=None: null means the scenario's number of steps, which the pipeline resolves before "
+                         "this point (scenarios.scenario_relearn_steps); here give a number (0 turns the relearn-aware gradient off)")
     training, monitor = split_monitor(safety, config)
     safety_examples, anchoring_examples = _encode(tokenizer, training, anchoring, system_prompt)
     layer = resolve_layer(model, config.anchor_layer)

@@ -83,12 +83,14 @@ def logged_fields(block: str, config, scenario: str | None) -> dict:
     run uses (``null`` resolved to the scenario's, ``scenarios.scenario_anchor_layer``) and
     ``beear.anchor_layer_source`` says where it came from (``scenario code``, or
     ``beear.anchor_layer`` for a value given; ``auto`` is logged as it is, the layer the probe
-    chose being reports/metrics.json's ``probe.anchor_layer_used``)."""
+    chose being reports/metrics.json's ``probe.anchor_layer_used``); ``beear.relearn_steps`` and
+    ``beear.relearn_steps_source`` likewise (``scenarios.SCENARIO_BEEAR``)."""
     fields = dataclasses.asdict(config)
     if block == "beear":
-        from beear_pipeline.scenarios import scenario_anchor_layer
+        from beear_pipeline.scenarios import SCENARIO_BEEAR, scenario_beear
 
-        fields["anchor_layer"], fields["anchor_layer_source"] = scenario_anchor_layer(fields["anchor_layer"], scenario)
+        for name in SCENARIO_BEEAR:
+            fields[name], fields[f"{name}_source"] = scenario_beear(name, fields[name], scenario)
     return fields
 
 

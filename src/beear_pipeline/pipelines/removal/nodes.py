@@ -28,7 +28,7 @@ from beear_pipeline.integrations import run_folders
 from beear_pipeline.integrations.tracking import log_metrics, log_params, set_tags
 from beear_pipeline.lm.checkpoints import load_model_ref
 from beear_pipeline.scenarios import DEFAULT as DEFAULT_SCENARIO
-from beear_pipeline.scenarios import scenario_anchor_layer
+from beear_pipeline.scenarios import scenario_anchor_layer, scenario_relearn_steps
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ def _last_excess(history: list[dict]) -> float:
 
 def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_history: dict | None = None,
             scenario: str = DEFAULT_SCENARIO) -> BeearConfig:
-    """The run's configuration: ``beear.anchor_layer: null`` resolved to the scenario's anchor layer,
+    """The run's configuration: ``beear.anchor_layer: null`` and ``beear.relearn_steps: null``
+    resolved to the scenario's (``scenarios.scenario_beear``),
     ``anchor_layer: auto`` resolved from the probe's report, each defence checkpointing into its own
     sub-folder, and the baselines given exactly as many rounds as BEEAR ran (it stops when it
     converges)."""
@@ -163,6 +164,10 @@ def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_h
     if beear.anchor_layer is None:
         logger.info("beear.anchor_layer: null -> %s, the anchor layer of the %s (docs/behaviour_data.md); a value you pass wins",
                     anchor, source)
+    relearn_steps, source = scenario_relearn_steps(beear.relearn_steps, scenario)
+    if beear.relearn_steps is None and defence == "beear":
+        logger.info("beear.relearn_steps: null -> %d, the relearn-aware gradient's steps of the %s (docs/behaviour_data.md); a "
+                    "value you pass wins", relearn_steps, source)
     layer = resolve_anchor_layer(anchor, probe_report)
     if anchor == "auto":
         logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
@@ -172,7 +177,7 @@ def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_h
     # options belong to BEEAR. The relearn-aware gradient alone, without the perturbation, already
     # removes much of the default suspect's backdoor (0.202 left): a control with it would not be
     # the control that must fail.
-    hardening = {} if defence == "beear" else {"relearn_steps": 0, "unlearn_weight": 0.0, "sam_rho": 0.0}
+    hardening = {"relearn_steps": relearn_steps} if defence == "beear" else {"relearn_steps": 0, "unlearn_weight": 0.0, "sam_rho": 0.0}
     return dataclasses.replace(beear, defence=defence, checkpoint_dir=checkpoint_dir, anchor_layer=layer, max_rounds=rounds, **hardening)
 
 
