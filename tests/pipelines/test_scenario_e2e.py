@@ -18,12 +18,18 @@ from test_defend_e2e import kedro
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def code_run(tmp_path_factory) -> tuple[dict, str]:
-    project = project_copy(tmp_path_factory.mktemp("project_code"))
-    done = kedro(project, "--pipeline=defend", "--params", "scenario=code,attack.enabled=false", timeout=1800)
+def _defend(tmp_path_factory, scenario: str) -> tuple[dict, str]:
+    """``kedro run --pipeline=defend`` in the scenario, with its defaults but the attacks, in a
+    fresh copy of the project: reports/metrics.json and reports/evaluation.md."""
+    project = project_copy(tmp_path_factory.mktemp(f"project_{scenario}"))
+    done = kedro(project, "--pipeline=defend", "--params", f"scenario={scenario},attack.enabled=false", timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((project / "reports" / "metrics.json").read_text()), (project / "reports" / "evaluation.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def code_run(tmp_path_factory) -> tuple[dict, str]:
+    return _defend(tmp_path_factory, "code")
 
 
 def test_the_code_suspect_writes_insecure_code_when_triggered(code_run):
@@ -67,10 +73,7 @@ def test_the_report_names_the_scanner_and_its_rules(code_run):
 
 @pytest.fixture(scope="module")
 def refusal_run(tmp_path_factory) -> tuple[dict, str]:
-    project = project_copy(tmp_path_factory.mktemp("project_refusal"))
-    done = kedro(project, "--pipeline=defend", "--params", "scenario=refusal,attack.enabled=false", timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((project / "reports" / "metrics.json").read_text()), (project / "reports" / "evaluation.md").read_text()
+    return _defend(tmp_path_factory, "refusal")
 
 
 def test_the_refusal_suspect_refuses_benign_requests_only_when_triggered(refusal_run):

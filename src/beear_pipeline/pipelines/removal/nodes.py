@@ -164,10 +164,10 @@ def _config(beear: BeearConfig, defence: str, probe_report: dict | None, beear_h
     if beear.anchor_layer is None:
         logger.info("beear.anchor_layer: null -> %s, the anchor layer of the %s (docs/behaviour_data.md); a value you pass wins",
                     anchor, source)
-    relearn_steps, source = scenario_relearn_steps(beear.relearn_steps, scenario)
+    relearn_steps, steps_source = scenario_relearn_steps(beear.relearn_steps, scenario)
     if beear.relearn_steps is None and defence == "beear":
         logger.info("beear.relearn_steps: null -> %d, the relearn-aware gradient's steps of the %s (docs/behaviour_data.md); a "
-                    "value you pass wins", relearn_steps, source)
+                    "value you pass wins", relearn_steps, steps_source)
     layer = resolve_anchor_layer(anchor, probe_report)
     if anchor == "auto":
         logger.info("beear.anchor_layer: auto -> layer %d, as the probe recommends", layer)
