@@ -39,6 +39,8 @@ MUT = [
  ("src/beear_pipeline/scenarios.py", "    return value, f\"beear.{name}\"", "    return (get_scenario(scenario).anchor_layer if value == 0.3 else value), f\"beear.{name}\"", "test_an_explicit_0_3_in_the_code_scenario", "tests/behaviours/test_scenarios.py"),
  ("src/beear_pipeline/integrations/preflight.py", "        anchor, _ = scenario_anchor_layer(beear.anchor_layer, params.get(\"scenario\"))", "        anchor = 0.3 if beear.anchor_layer is None else beear.anchor_layer", "test_a_null_anchor_layer_is_checked_and_planned", "tests/integrations/test_preflight.py"),
  ("src/beear_pipeline/pipelines/plan/nodes.py", "    beear = dataclasses.replace(beear, anchor_layer=scenario_anchor_layer(beear.anchor_layer, scenario)[0])", "    beear = dataclasses.replace(beear, anchor_layer=scenario_anchor_layer(beear.anchor_layer, None)[0])", "test_the_plan_is_made_at_the_scenarios_layer", "tests/pipelines/test_plan_pipeline.py"),
+ # the refusal scenario end to end (slow: one kedro run of about 5 minutes): plain BEEAR leaves 0.221 triggered refusals there
+ ("src/beear_pipeline/pipelines/removal/nodes.py", "    hardening = {\"relearn_steps\": relearn_steps} if defence == \"beear\" else", "    hardening = {\"relearn_steps\": 0} if defence == \"beear\" else", "test_beear_removes_the_refusal_backdoor", "tests/pipelines/test_scenario_e2e.py"),
  # the registry's promotion gate reads the code scenario's valid-code check
  ("src/beear_pipeline/integrations/registry.py", "    if valid_code and valid_code.get(\"utility_lost\"):", "    if False:", "test_the_gate_blocks_a_defended_code_model", "tests/integrations/test_registry.py"),
  # distributed (tests/beear/test_distributed.py; each launches torchrun, a minute or more on 2 cores)
